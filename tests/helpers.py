@@ -1,0 +1,57 @@
+"""Shared test helpers: declared tolerances and random selective-SSM inputs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def assert_close(actual, expected, *, rtol: float, atol: float, name: str = "tensor") -> None:
+    """torch.testing-style closeness with a report of relative error, max-abs error and worst index."""
+    actual = torch.as_tensor(actual)
+    expected = torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.to(torch.float64)
+    e = expected.to(torch.float64)
+    assert torch.isfinite(a).all(), f"{name}: non-finite values in the result"
+    diff = (a - e).abs()
+    allowed = atol + rtol * e.abs()
+    if (diff <= allowed).all():
+        return
+    worst = int((diff - allowed).flatten().argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape))
+    rel = float(diff.flatten()[worst] / e.abs().flatten()[worst].clamp_min(1e-300))
+    raise AssertionError(
+        f"{name}: max abs err {float(diff.max()):.3e}, worst at {idx}: "
+        f"{float(a[idx]):.6e} vs {float(e[idx]):.6e} (rel {rel:.3e}); rtol={rtol}, atol={atol}"
+    )
+
+
+def random_scan_inputs(
+    batch=2, dim=5, N=7, L=11, ngroups=None, dtype=torch.float64, seed=0, with_D=True, with_z=True, with_bias=True
+):
+    """Random inputs in selective_scan_fn's layout, with a stable A (negative) and moderate dt."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    u = rnd(batch, dim, L)
+    delta = rnd(batch, dim, L) * 0.5 - 1.0  # softplus of this is ~0.1-0.8
+    A = -torch.exp(rnd(dim, N) * 0.5)
+    bc_shape = (batch, N, L) if ngroups is None else (batch, ngroups, N, L)
+    B = rnd(*bc_shape)
+    C = rnd(*bc_shape)
+    D = rnd(dim) if with_D else None
+    z = rnd(batch, dim, L) if with_z else None
+    delta_bias = rnd(dim) * 0.1 if with_bias else None
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return dict(
+        u=cast(u), delta=cast(delta), A=cast(A), B=cast(B), C=cast(C), D=cast(D), z=cast(z),
+        delta_bias=cast(delta_bias),
+    )
+
+
+def random_gramian_inputs(batch=2, dim=3, N=6, L=9, ngroups=None, seed=0):
+    """(delta, A, B, C, delta_bias) for the Gramian estimators, float64."""
+    x = random_scan_inputs(batch, dim, N, L, ngroups=ngroups, seed=seed, with_D=False, with_z=False)
+    return x["delta"], x["A"], x["B"], x["C"], x["delta_bias"]
