@@ -48,6 +48,7 @@ __all__ = [
     "gramians",
     "token_system",
     "lti_denominator",
+    "ltv_sums_closed_form",
 ]
 
 ESTIMATORS = ("mean_lti", "frozen", "ltv")
@@ -235,3 +236,37 @@ def gramians(
             delta, A, B, C, estimator=estimator, delta_bias=delta_bias, delta_softplus=delta_softplus
         )
     )
+
+
+def ltv_sums_closed_form(
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+):
+    """Σ_batch Σ_t P_t and Σ_batch Σ_t Q_t of the ``ltv`` estimator by the closed form (no recurrence).
+
+    With S_t = Σ_{k≤t} dt_k (per channel) and w = A_i + A_j:
+        Σ_t P_t[i,j] = Σ_s b_s[i] b_s[j] Σ_{t≥s} exp(w (S_t − S_s)),
+        Σ_t Q_t[i,j] = Σ_s c_s[i] c_s[j] Σ_{t≤s} exp(w (S_s − S_t)).
+    O(L²) work and memory per entry: a check for the recurrence and for kernels, not a fast path.
+    Shapes as in ``gramians``; returns (P_sum, Q_sum), each (dim, N, N).  See docs/ltv_closed_form.md.
+    """
+    _, _, b, c = token_system(delta, A, B, C, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    cdt = b.dtype
+    dt = discretize_delta(delta.to(cdt), None if delta_bias is None else delta_bias.to(cdt), delta_softplus)
+    S = torch.cumsum(dt, dim=-1)  # (batch, dim, L)
+    L = S.shape[-1]
+    gap = S[..., None, :] - S[..., :, None]  # gap[..., s, t] = S_t − S_s
+    later = torch.ones(L, L, dtype=torch.bool, device=S.device).triu()  # t >= s
+    w = A.to(cdt)[:, :, None] + A.to(cdt)[:, None, :]  # (dim, N, N)
+    # decay[b, d, i, j, s, t] = exp(w_ij (S_t − S_s)) for t >= s, else 0; gap is <= 0 where masked out.
+    decay = torch.exp(w[None, :, :, :, None, None] * gap.clamp_min(0)[:, :, None, None]) * later
+    weight_P = decay.sum(-1)  # Σ_{t≥s}: (batch, dim, N, N, L over s)
+    weight_Q = decay.sum(-2)  # Σ_{s≤t}, indexed by the later time: (batch, dim, N, N, L)
+    P_sum = torch.einsum("bdis,bdjs,bdijs->dij", b, b, weight_P)
+    Q_sum = torch.einsum("bdis,bdjs,bdijs->dij", c, c, weight_Q)
+    return P_sum, Q_sum
