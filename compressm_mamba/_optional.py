@@ -53,3 +53,38 @@ def mamba_ssm_selective_scan_ref():
     except Exception:
         return None
     return selective_scan_ref
+
+
+@functools.lru_cache(maxsize=None)
+def transformers_available() -> bool:
+    try:
+        importlib.import_module("transformers")
+    except Exception:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def hf_mixer_classes() -> dict:
+    """Hugging Face's Mamba mixer classes by name ({} without transformers)."""
+    found = {}
+    for module_name, cls_name in (
+        ("transformers.models.mamba.modeling_mamba", "MambaMixer"),
+        ("transformers.models.mamba2.modeling_mamba2", "Mamba2Mixer"),
+    ):
+        try:
+            found[cls_name] = getattr(importlib.import_module(module_name), cls_name)
+        except Exception:
+            pass
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def mamba_ssm_mamba1_class():
+    """mamba_ssm's Mamba (Mamba1) module class, or None."""
+    if mamba_ssm() is None:
+        return None
+    try:
+        return importlib.import_module("mamba_ssm.modules.mamba_simple").Mamba
+    except Exception:
+        return None

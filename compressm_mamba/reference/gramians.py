@@ -67,6 +67,7 @@ def token_system(
     *,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    mask: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
 ):
     """Per-token diagonal systems (a_t, e_t, b_t, c_t) of every channel.
@@ -74,6 +75,8 @@ def token_system(
     Args:
         delta: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or (batch, ngroups, N, L).
         delta_bias: (dim,) or None; delta_softplus: apply softplus after the bias.
+        mask: (batch, L) bool/0-1 or None.  A masked-out token (padding) is removed from the
+            sequence: a_t = 1, e_t = b_t = c_t = 0, so it neither decays nor excites the state.
         dtype: compute dtype (default: float64 for float64 delta, else float32).
 
     Returns:
@@ -103,7 +106,18 @@ def token_system(
     e = -torch.expm1(dtA)
     b = dt.unsqueeze(2) * expand_groups(B.to(cdt), dim)
     c = expand_groups(C.to(cdt), dim).expand(batch, dim, N, L)
+    if mask is not None:
+        keep = _check_mask(mask, batch, L)[:, None, None, :]
+        a = torch.where(keep, a, torch.ones_like(a))
+        e, b, c = (torch.where(keep, x, torch.zeros_like(x)) for x in (e, b, c))
     return a, e, b, c
+
+
+def _check_mask(mask: torch.Tensor, batch: int, L: int) -> torch.Tensor:
+    """The padding mask as a (batch, L) bool tensor; True = a real token."""
+    if mask.shape != (batch, L):
+        raise ValueError(f"mask must be (batch={batch}, L={L}), got shape {tuple(mask.shape)}")
+    return mask.bool()
 
 
 def lti_denominator(e: torch.Tensor) -> torch.Tensor:
@@ -161,12 +175,21 @@ def gramian_statistics(
     estimator: str = "ltv",
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> GramianStatistics:
-    """Token sums of one batch for ``estimator`` (shapes as in ``token_system``)."""
+    """Token sums of one batch for ``estimator`` (shapes as in ``token_system``).
+
+    ``mask`` (batch, L) removes padding tokens: they add nothing and are not counted.
+    """
     _check_estimator(estimator)
-    a, e, b, c = token_system(delta, A, B, C, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    a, e, b, c = token_system(delta, A, B, C, delta_bias=delta_bias, delta_softplus=delta_softplus, mask=mask)
     batch, dim, N, L = a.shape
-    count = batch * L
+    if mask is None:
+        count = batch * L
+        real = a.new_ones(batch, L)
+    else:
+        real = mask.to(a.dtype)
+        count = int(mask.bool().sum())
     if estimator == "mean_lti":
         return GramianStatistics(estimator, count, {"e": e.sum((0, 3)), "b": b.sum((0, 3)), "c": c.sum((0, 3))})
 
@@ -183,13 +206,13 @@ def gramian_statistics(
     P_t = a.new_zeros(batch, dim, N, N)
     for t in range(L):
         P_t = _outer(a[..., t]) * P_t + _outer(b[..., t])
-        P_sum += P_t.sum(0)
+        P_sum += (P_t * real[:, t, None, None, None]).sum(0)
     Q_t = a.new_zeros(batch, dim, N, N)
     for t in reversed(range(L)):
         if t + 1 < L:
             Q_t = _outer(a[..., t + 1]) * Q_t
         Q_t = Q_t + _outer(c[..., t])
-        Q_sum += Q_t.sum(0)
+        Q_sum += (Q_t * real[:, t, None, None, None]).sum(0)
     return GramianStatistics(estimator, count, {"P": P_sum, "Q": Q_sum})
 
 
@@ -218,6 +241,7 @@ def gramians(
     estimator: str = "ltv",
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    mask: torch.Tensor | None = None,
 ):
     """Gramian estimates of every channel of a selective SSM block, averaged over batch and time.
 
@@ -227,13 +251,14 @@ def gramians(
         B, C: (batch, N, L) or (batch, ngroups, N, L).
         estimator: ``"mean_lti"`` | ``"frozen"`` | ``"ltv"`` (default ``"ltv"``, METHOD.md §3).
         delta_bias: (dim,) or None; delta_softplus: as in ``selective_scan``.
+        mask: (batch, L) or None; padding tokens (False / 0) are removed from the sequences.
 
     Returns:
         (P, Q), each (dim, N, N), symmetric PSD, float64 for float64 inputs (else float32).
     """
     return gramians_from_statistics(
         gramian_statistics(
-            delta, A, B, C, estimator=estimator, delta_bias=delta_bias, delta_softplus=delta_softplus
+            delta, A, B, C, estimator=estimator, delta_bias=delta_bias, delta_softplus=delta_softplus, mask=mask
         )
     )
 

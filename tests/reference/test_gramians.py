@@ -217,3 +217,25 @@ def test_bad_estimator_and_empty_statistics():
     empty = gramian_statistics(delta[..., :0], A, B[..., :0], C[..., :0], estimator="ltv")
     with pytest.raises(ValueError, match="no tokens"):
         gramians_from_statistics(empty)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_mask_removes_padding_tokens(estimator):
+    """A padded batch with its mask gives the same sums as the unpadded sequences on their own."""
+    delta, A, B, C, bias = random_gramian_inputs(batch=2, dim=3, N=4, L=9, seed=12)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    mask[1, 6:] = False  # right padding
+    mask[1, 2] = False  # and a hole
+    kw = dict(estimator=estimator, delta_bias=bias, delta_softplus=True)
+    padded = gramian_statistics(delta, A, B, C, mask=mask, **kw)
+    parts = None
+    for i in range(2):
+        keep = mask[i].nonzero().squeeze(1)
+        s = gramian_statistics(delta[i : i + 1, :, keep], A, B[i : i + 1, :, keep], C[i : i + 1, :, keep], **kw)
+        parts = s if parts is None else parts + s
+    assert padded.count == parts.count == int(mask.sum())
+    for k in padded.sums:
+        assert_close(padded.sums[k], parts.sums[k], rtol=1e-12, atol=1e-14, name=k)
+    with pytest.raises(ValueError, match="mask must be"):
+        gramian_statistics(delta, A, B, C, mask=mask[:, :5], **kw)

@@ -1,0 +1,128 @@
+"""``CompressConfig``: what to cut, how to rank, and when (METHOD.md §5–6)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .reference.gramians import ESTIMATORS
+from .reference.selection import IMPORTANCE_RULES, KEEP_RULES
+
+__all__ = ["CompressConfig", "MODES", "REDUCTIONS", "SCHEDULES"]
+
+MODES = ("tolerance", "fixed", "rank", "pragmatic")
+REDUCTIONS = ("select", "balanced")
+SCHEDULES = ("warmup", "stable")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How a model is compressed.  Frozen and validated: a bad value raises ValueError naming the field.
+
+    Rank choice (per layer):
+        mode: ``"tolerance"`` keep the smallest r holding (1 − tau) of the importance (plain sums);
+            ``"fixed"`` cut ``fraction`` of the current N per attempt; ``"rank"`` cut to ``rank``;
+            ``"pragmatic"`` like ``"fixed"``, but each cut is evaluated and rolled back (and reducing
+            stops) when the validation metric worsens by more than ``rollback_tolerance``.
+        tau: tolerance in (0, 1) for ``"tolerance"`` (default 0.01).
+        fraction: in (0, 1) for ``"fixed"`` / ``"pragmatic"`` (default 0.1).
+        rank: target state size >= 1 for ``"rank"``.
+        gate: a layer is cut only if r < gate · N (default 0.95).
+        min_state: never fewer states than this (default 1).
+    Ranking:
+        estimator: Gramian estimator, ``"mean_lti"`` | ``"frozen"`` | ``"ltv"`` (default).
+        importance: ``"balanced"`` (default) | ``"diagonal"``.
+        keep: ``"largest"`` (the method) | ``"smallest"`` | ``"random"`` (ablations).
+        reduction: ``"select"`` (keep state indices; all models) | ``"balanced"`` (project onto the
+            r leading balanced directions; Mamba2 only).
+    Schedule (the callback):
+        warmup_fraction: attempts happen inside the first this fraction of max_steps (default 0.1).
+        attempts: number of reduction attempts (default 4), equally spaced.
+        calibration_batches: Gramians are accumulated over this many batches before each attempt (8).
+        schedule: ``"warmup"`` — cut at every attempt; ``"stable"`` — cut once the kept set has stopped
+            moving between attempts (Jaccard >= ``stable_jaccard``), at ``stable_latest_fraction`` of
+            max_steps at the latest.
+        rollback_tolerance: for ``"pragmatic"``: allowed relative worsening of the metric (0.01).
+        seed: seeds ``keep="random"``.
+    """
+
+    mode: str = "tolerance"
+    tau: float = 0.01
+    fraction: float = 0.1
+    rank: int | None = None
+    estimator: str = "ltv"
+    importance: str = "balanced"
+    keep: str = "largest"
+    reduction: str = "select"
+    warmup_fraction: float = 0.1
+    attempts: int = 4
+    calibration_batches: int = 8
+    min_state: int = 1
+    gate: float = 0.95
+    rollback_tolerance: float = 0.01
+    schedule: str = "warmup"
+    stable_jaccard: float = 0.9
+    stable_latest_fraction: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        def choice(name, options):
+            value = getattr(self, name)
+            if value not in options:
+                raise ValueError(f"CompressConfig.{name} must be one of {options}, got {value!r}")
+
+        def open_unit(name, lo_closed=False, hi_closed=False):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and (value >= 0 if lo_closed else value > 0) and (value <= 1 if hi_closed else value < 1)
+            if not ok:
+                interval = ("[" if lo_closed else "(") + "0, 1" + ("]" if hi_closed else ")")
+                raise ValueError(f"CompressConfig.{name} must be in {interval}, got {value!r}")
+
+        def positive_int(name, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if not (_is_int(value) and value >= 1):
+                raise ValueError(f"CompressConfig.{name} must be an integer >= 1, got {value!r}")
+
+        choice("mode", MODES)
+        choice("estimator", ESTIMATORS)
+        choice("importance", IMPORTANCE_RULES)
+        choice("keep", KEEP_RULES)
+        choice("reduction", REDUCTIONS)
+        choice("schedule", SCHEDULES)
+        open_unit("tau")
+        open_unit("fraction")
+        open_unit("warmup_fraction", hi_closed=True)
+        open_unit("gate", hi_closed=True)
+        open_unit("stable_jaccard", hi_closed=True)
+        open_unit("stable_latest_fraction", hi_closed=True)
+        if not (isinstance(self.rollback_tolerance, (int, float)) and self.rollback_tolerance >= 0):
+            raise ValueError(f"CompressConfig.rollback_tolerance must be >= 0, got {self.rollback_tolerance!r}")
+        positive_int("rank", allow_none=True)
+        positive_int("attempts")
+        positive_int("calibration_batches")
+        positive_int("min_state")
+        if not _is_int(self.seed):
+            raise ValueError(f"CompressConfig.seed must be an integer, got {self.seed!r}")
+        if self.mode == "rank" and self.rank is None:
+            raise ValueError("CompressConfig.rank must be set when mode='rank'")
+        if self.mode == "rank" and self.rank < self.min_state:
+            raise ValueError(f"CompressConfig.rank={self.rank} is below min_state={self.min_state}")
+
+    @property
+    def rank_mode(self) -> str:
+        """The reference ``choose_rank`` mode: pragmatic cuts a fixed fraction per attempt."""
+        return "fixed" if self.mode == "pragmatic" else self.mode
+
+    def replace(self, **changes) -> "CompressConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,276 @@
+"""What compressm_mamba knows about each supported mixer type.
+
+An adapter wraps one mixer module and answers three questions:
+
+- what its selective system is on a given input — ``ssm_inputs`` recomputes (delta, A, B, C) from
+  the mixer's input under no_grad, whatever forward path (CUDA kernels or torch) the mixer takes;
+- how its state indices group — ``ngroups`` groups of ``channels // ngroups`` channels share B/C;
+- how to cut it — ``plan_select`` lists the parameter slices and attribute updates that keep a set
+  of state indices (METHOD.md §5), without touching the module (``surgery`` applies them).
+
+Supported: Hugging Face ``MambaMixer`` and ``Mamba2Mixer``, mamba_ssm's ``Mamba`` (Mamba1).
+FalconMamba is not: its mixer RMS-normalises B and C across the state axis, so dropping states
+changes every kept state's input — no selection is exact there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _optional
+
+__all__ = ["MixerAdapter", "Mamba1Adapter", "Mamba2Adapter", "ParamCut", "CutPlan", "find_mixers", "supported_types"]
+
+
+@dataclass
+class ParamCut:
+    """Replace ``getattr(module, attr)`` by a new Parameter holding ``index(old)``.
+
+    ``index`` maps any tensor shaped like the old parameter (its data, or an optimizer moment) to
+    the kept slice.
+    """
+
+    module: nn.Module
+    attr: str
+    index: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def old(self) -> nn.Parameter:
+        return getattr(self.module, self.attr)
+
+
+@dataclass
+class CutPlan:
+    """Everything one layer's cut changes: parameter slices and plain attribute updates."""
+
+    name: str
+    new_state_size: int
+    params: list = field(default_factory=list)  # [ParamCut]
+    attrs: list = field(default_factory=list)  # [(module, attr, new value)]
+
+
+def _mask_tokens(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padding positions of a (batch, L, features) tensor, as the HF mixers do."""
+    if attention_mask is None:
+        return x
+    return x * attention_mask[:, :, None].to(x.dtype)
+
+
+def _rows(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: t.index_select(0, index.to(t.device)).clone()
+
+
+def _columns(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: t.index_select(-1, index.to(t.device)).clone()
+
+
+class MixerAdapter:
+    """Base class; see the module docstring."""
+
+    kind: str = ""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+
+    @property
+    def state_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def ngroups(self) -> int:
+        return 1
+
+    @property
+    def channels(self) -> int:
+        """Channels (Mamba1) or heads (Mamba2) that carry one N×N Gramian pair each."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def ssm_inputs(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(delta, A, B, C) of this mixer on ``hidden_states`` (batch, L, hidden).
+
+        delta: (batch, channels, L), bias and softplus applied; A: (channels, N);
+        B, C: (batch, ngroups, N, L).
+        """
+        raise NotImplementedError
+
+    def plan_select(self, keep: torch.Tensor) -> CutPlan:
+        """Plan to keep states ``keep`` ((ngroups, r) int64, sorted per group) of this mixer."""
+        raise NotImplementedError
+
+    def _check_keep(self, keep: torch.Tensor) -> torch.Tensor:
+        N, G = self.state_size, self.ngroups
+        if keep.dim() != 2 or keep.shape[0] != G or keep.shape[1] < 1:
+            raise ValueError(f"{self.name}: kept indices must be (ngroups={G}, r>=1), got {tuple(keep.shape)}")
+        if int(keep.min()) < 0 or int(keep.max()) >= N:
+            raise ValueError(f"{self.name}: kept indices out of range [0, {N})")
+        for g in range(G):
+            if torch.unique(keep[g]).numel() != keep.shape[1]:
+                raise ValueError(f"{self.name}: kept indices of group {g} repeat a state")
+        return keep.to(torch.long).cpu()
+
+
+class Mamba1Adapter(MixerAdapter):
+    """HF ``MambaMixer`` and mamba_ssm ``Mamba``: per-channel diagonal A, B and C shared by all channels.
+
+    Selection keeps ``A_log[:, idx]`` and x_proj's rows [dt_low | B[idx] | C[idx]]; nothing else
+    depends on N.
+    """
+
+    kind = "mamba1"
+
+    def __init__(self, name: str, module: nn.Module, state_attr: str, dt_rank_attr: str):
+        super().__init__(name, module)
+        self._state_attr = state_attr
+        self._dt_rank_attr = dt_rank_attr
+
+    @property
+    def state_size(self) -> int:
+        return int(self.module.A_log.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.module.A_log.shape[0])
+
+    @torch.no_grad()
+    def ssm_inputs(self, hidden_states, attention_mask=None):
+        m = self.module
+        L = hidden_states.shape[1]
+        R, N = int(getattr(m, self._dt_rank_attr)), self.state_size
+        xz = m.in_proj(_mask_tokens(hidden_states, attention_mask))  # (batch, L, 2 * d_inner)
+        x = xz.chunk(2, dim=-1)[0].transpose(1, 2)
+        x = m.act(m.conv1d(x)[..., :L]).transpose(1, 2)  # the conv pads k-1 on both sides: keep the causal part
+        x = _mask_tokens(x, attention_mask)
+        dt_low, B, C = m.x_proj(x).split([R, N, N], dim=-1)
+        delta = F.softplus(F.linear(dt_low, m.dt_proj.weight) + m.dt_proj.bias).transpose(1, 2)
+        A = -torch.exp(m.A_log.float())
+        return delta.float(), A, B.transpose(1, 2)[:, None].float(), C.transpose(1, 2)[:, None].float()
+
+    def plan_select(self, keep):
+        idx = self._check_keep(keep)[0]
+        m = self.module
+        R, N = int(getattr(m, self._dt_rank_attr)), self.state_size
+        rows = torch.cat([torch.arange(R), R + idx, R + N + idx])
+        plan = CutPlan(self.name, int(idx.numel()))
+        plan.params.append(ParamCut(m, "A_log", _columns(idx)))
+        plan.params.append(ParamCut(m.x_proj, "weight", _rows(rows)))
+        plan.attrs += [(m, self._state_attr, int(idx.numel())), (m.x_proj, "out_features", int(rows.numel()))]
+        return plan
+
+
+class Mamba2Adapter(MixerAdapter):
+    """HF ``Mamba2Mixer``: a scalar A per head, B and C per group, both produced by in_proj → conv1d → SiLU.
+
+    in_proj rows are [z (I) | x (I) | B (G·N) | C (G·N) | dt (H)]; conv1d runs over [x | B | C].
+    Selection keeps, per group g, the B and C rows g·N + idx_g of in_proj and the matching conv1d
+    channels (weight and bias).
+    """
+
+    kind = "mamba2"
+
+    @property
+    def state_size(self) -> int:
+        return int(self.module.ssm_state_size)
+
+    @property
+    def ngroups(self) -> int:
+        return int(self.module.n_groups)
+
+    @property
+    def channels(self) -> int:
+        return int(self.module.num_heads)
+
+    @torch.no_grad()
+    def ssm_inputs(self, hidden_states, attention_mask=None):
+        m = self.module
+        batch, L, _ = hidden_states.shape
+        I, G, N, H = m.intermediate_size, self.ngroups, self.state_size, m.num_heads
+        proj = m.in_proj(_mask_tokens(hidden_states, attention_mask))
+        _, xBC, dt = proj.split([I, m.conv_dim, H], dim=-1)
+        xBC = m.act(m.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)
+        xBC = _mask_tokens(xBC, attention_mask)
+        _, B, C = xBC.split([I, G * N, G * N], dim=-1)
+        B = B.reshape(batch, L, G, N).permute(0, 2, 3, 1)
+        C = C.reshape(batch, L, G, N).permute(0, 2, 3, 1)
+        delta = F.softplus(dt.float() + m.dt_bias.float())
+        lo, hi = m.time_step_limit
+        delta = delta.clamp(min=lo, max=hi).transpose(1, 2)  # (batch, H, L)
+        A = (-torch.exp(m.A_log.float()))[:, None].expand(H, N)
+        return delta, A, B.float(), C.float()
+
+    def plan_select(self, keep):
+        keep = self._check_keep(keep)
+        m = self.module
+        I, G, N, H = m.intermediate_size, self.ngroups, self.state_size, m.num_heads
+        r = int(keep.shape[1])
+        kept = (torch.arange(G)[:, None] * N + keep).reshape(-1)  # offsets inside the B (or C) block
+        conv_rows = torch.cat([torch.arange(I), I + kept, I + G * N + kept])
+        in_rows = torch.cat([torch.arange(I), I + conv_rows, 2 * I + 2 * G * N + torch.arange(H)])
+        plan = CutPlan(self.name, r)
+        plan.params.append(ParamCut(m.in_proj, "weight", _rows(in_rows)))
+        if m.in_proj.bias is not None:
+            plan.params.append(ParamCut(m.in_proj, "bias", _rows(in_rows)))
+        plan.params.append(ParamCut(m.conv1d, "weight", _rows(conv_rows)))
+        if m.conv1d.bias is not None:
+            plan.params.append(ParamCut(m.conv1d, "bias", _rows(conv_rows)))
+        conv_dim = int(conv_rows.numel())
+        plan.attrs += [
+            (m, "ssm_state_size", r),
+            (m, "conv_dim", conv_dim),
+            (m.in_proj, "out_features", int(in_rows.numel())),
+            (m.conv1d, "in_channels", conv_dim),
+            (m.conv1d, "out_channels", conv_dim),
+            (m.conv1d, "groups", conv_dim),
+        ]
+        return plan
+
+
+def _adapter_factories():
+    """(class, factory) pairs for the mixer types importable here."""
+    pairs = []
+    hf = _optional.hf_mixer_classes()
+    if "MambaMixer" in hf:
+        pairs.append((hf["MambaMixer"], lambda n, m: Mamba1Adapter(n, m, "ssm_state_size", "time_step_rank")))
+    if "Mamba2Mixer" in hf:
+        pairs.append((hf["Mamba2Mixer"], Mamba2Adapter))
+    mamba_cls = _optional.mamba_ssm_mamba1_class()
+    if mamba_cls is not None:
+        pairs.append((mamba_cls, lambda n, m: Mamba1Adapter(n, m, "d_state", "dt_rank")))
+    return pairs
+
+
+def supported_types() -> list:
+    return [cls.__module__ + "." + cls.__name__ for cls, _ in _adapter_factories()]
+
+
+def find_mixers(model: nn.Module) -> list:
+    """Adapters for every supported mixer in ``model``, in module order.
+
+    Raises TypeError, listing the supported types, when there is none (or an unsupported Mamba-like
+    mixer such as FalconMamba's is found).
+    """
+    factories = _adapter_factories()
+    adapters = []
+    for name, module in model.named_modules():
+        for cls, make in factories:
+            if type(module) is cls:
+                adapters.append(make(name, module))
+                break
+        else:
+            if type(module).__name__ == "FalconMambaMixer":
+                raise TypeError(
+                    f"{name}: FalconMambaMixer is not supported: it RMS-normalises B and C across the state "
+                    "axis, so no state selection is exact. Supported mixers: " + ", ".join(supported_types())
+                )
+    if not adapters:
+        raise TypeError(
+            f"{type(model).__name__} holds no supported Mamba mixer. Supported mixers: "
+            + (", ".join(supported_types()) or "none importable here (install transformers or mamba_ssm)")
+        )
+    return adapters
