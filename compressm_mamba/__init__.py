@@ -8,10 +8,33 @@ and it never initialises CUDA.
 
 - ``compressm_mamba.reference`` — the float64-capable specification (shared/METHOD.md): selective
   scans, Gramian estimators, Hankel singular values, state importance, rank choice and selection.
+- ``CompressConfig``, ``compress_(model, config, calibration)`` — one-shot compression of Hugging Face
+  Mamba / Mamba2 (and mamba_ssm Mamba) models; ``CompreSSMCallback`` — the same during training.
+- ``from_pretrained(path)`` — loads checkpoints whose layers have different state sizes.
 """
 
 from . import reference
+from .compress import CompressionReport, compress_
+from .config import CompressConfig
+from .state_sizes import from_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["reference", "__version__"]
+__all__ = [
+    "reference",
+    "CompressConfig",
+    "CompressionReport",
+    "CompreSSMCallback",
+    "compress_",
+    "from_pretrained",
+    "__version__",
+]
+
+
+def __getattr__(name):
+    # The callback subclasses transformers.TrainerCallback: import transformers only when asked.
+    if name == "CompreSSMCallback":
+        from .callback import CompreSSMCallback
+
+        return CompreSSMCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

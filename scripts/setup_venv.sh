@@ -41,7 +41,7 @@ VPY="$VENV/bin/python"
 if [ -z "$cuda_torch" ]; then
   "$VPY" -m pip install -q torch==2.13.0 triton==3.7.1
 fi
-"$VPY" -m pip install -q numpy scipy "transformers==5.23.0" "datasets==5.2.0" ninja einops packaging \
+"$VPY" -m pip install -q numpy scipy "transformers==5.23.0" "datasets==5.2.0" accelerate ninja einops packaging \
   pytest safetensors tqdm matplotlib scikit-learn
 
 # mamba-ssm / causal-conv1d are optional (used as an anchor in tests where importable).  Both are

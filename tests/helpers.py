@@ -55,3 +55,37 @@ def random_gramian_inputs(batch=2, dim=3, N=6, L=9, ngroups=None, seed=0):
     """(delta, A, B, C, delta_bias) for the Gramian estimators, float64."""
     x = random_scan_inputs(batch, dim, N, L, ngroups=ngroups, seed=seed, with_D=False, with_z=False)
     return x["delta"], x["A"], x["B"], x["C"], x["delta_bias"]
+
+
+def tiny_mamba(state_size=16, layers=2, hidden=32, vocab=64, seed=0):
+    """A MambaForCausalLM built from config (no download), float32, in eval mode."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(seed)
+    config = MambaConfig(hidden_size=hidden, state_size=state_size, num_hidden_layers=layers, vocab_size=vocab)
+    model = MambaForCausalLM(config).eval()
+    _spread_A(model)
+    return model
+
+
+def tiny_mamba2(state_size=16, layers=2, hidden=32, vocab=64, groups=2, seed=0):
+    """A Mamba2ForCausalLM built from config (no download): 8 heads of 8, ``groups`` B/C groups."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Mamba2Config(hidden_size=hidden, state_size=state_size, num_hidden_layers=layers, vocab_size=vocab,
+                          head_dim=8, n_groups=groups, num_heads=2 * hidden // 8, expand=2, chunk_size=8)
+    return Mamba2ForCausalLM(config).eval()
+
+
+def _spread_A(model):
+    """Mamba's init gives every channel the same A row; perturb it so that states are distinguishable."""
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            with torch.no_grad():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def random_ids(batch=4, length=24, vocab=64, seed=0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))

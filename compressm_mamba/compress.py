@@ -1,0 +1,198 @@
+"""Decide and apply a cut: from per-layer Gramians to kept states, and the one-shot ``compress_``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .collect import GramianCollector
+from .config import CompressConfig
+from .mixers import find_mixers
+from .reference.balancing import hankel_singular_values
+from .reference.selection import choose_rank, select_states, state_importance
+from .state_sizes import record_state_sizes
+from .surgery import apply_cuts
+
+__all__ = ["LayerDecision", "CompressionReport", "decide_cuts", "cut_model_", "compress_", "run_calibration"]
+
+
+@dataclass
+class LayerDecision:
+    """What was (or would be) done to one layer.
+
+    kept: (ngroups, r) int64 kept state indices per group (all of them when not cut).
+    importance: (ngroups, N) float64 per-state importance; hsv: (channels, N) float64.
+    """
+
+    name: str
+    kind: str
+    state_before: int
+    state_after: int
+    kept: torch.Tensor
+    importance: torch.Tensor
+    hsv: torch.Tensor
+
+    @property
+    def cut(self) -> bool:
+        return self.state_after < self.state_before
+
+    @property
+    def energy_kept(self) -> float:
+        """Fraction of the layer's total importance held by the kept states."""
+        total = float(self.importance.sum())
+        if total <= 0:
+            return 1.0
+        return float(torch.gather(self.importance, 1, self.kept).sum()) / total
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer outcome of a compression; ``str(report)`` is a table."""
+
+    layers: list = field(default_factory=list)
+    config: CompressConfig | None = None
+    step: int | None = None
+
+    @property
+    def changed(self) -> bool:
+        return any(layer.cut for layer in self.layers)
+
+    @property
+    def state_sizes(self) -> dict:
+        return {layer.name: layer.state_after for layer in self.layers}
+
+    def to_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "config": None if self.config is None else self.config.to_dict(),
+            "layers": [
+                {
+                    "name": d.name,
+                    "kind": d.kind,
+                    "state_before": d.state_before,
+                    "state_after": d.state_after,
+                    "energy_kept": d.energy_kept,
+                    "kept": d.kept.tolist(),
+                    "importance": d.importance.tolist(),
+                    "hsv_mean": d.hsv.mean(0).tolist(),
+                }
+                for d in self.layers
+            ],
+        }
+
+    def __str__(self) -> str:
+        head = f"{'layer':<32} {'kind':<6} {'N':>5} {'-> N':>5} {'energy kept':>11}  top importances"
+        lines = [head, "-" * len(head)]
+        for d in self.layers:
+            top = torch.sort(d.importance.sum(0), descending=True).values[:4]
+            spectrum = " ".join(f"{v:.2e}" for v in top.tolist())
+            lines.append(
+                f"{d.name:<32} {d.kind:<6} {d.state_before:>5} {d.state_after:>5} {d.energy_kept:>11.4f}  {spectrum}"
+            )
+        return "\n".join(lines)
+
+
+def decide_cuts(adapters: list, gramians: dict, config: CompressConfig) -> list:
+    """Choose, per layer, how many and which states to keep (METHOD.md §5–6).
+
+    gramians: {layer name: (P, Q)}, each (channels, N, N).  Groups (Mamba2) get one importance
+    spectrum each; r is the largest of the groups' ranks, so all groups keep the same number.
+    Raises ValueError naming the layer for non-finite Gramians or an impossible rank.
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    decisions = []
+    for adapter in adapters:
+        if config.reduction == "balanced" and adapter.kind != "mamba2":
+            raise ValueError(f"{adapter.name}: reduction='balanced' needs a Mamba2 mixer (Mamba1 keeps states by selection)")
+        P, Q = gramians[adapter.name]
+        N, G = adapter.state_size, adapter.ngroups
+        if P.shape != (adapter.channels, N, N):
+            raise ValueError(
+                f"{adapter.name}: Gramians are {tuple(P.shape)}, the layer needs ({adapter.channels}, {N}, {N}); "
+                "were they collected before a cut?"
+            )
+        hsv = hankel_singular_values(P, Q, name=adapter.name)
+        per_group = adapter.channels // G
+        importance = torch.stack(
+            [
+                state_importance(P[g * per_group : (g + 1) * per_group], Q[g * per_group : (g + 1) * per_group],
+                                 config.importance, name=adapter.name)
+                for g in range(G)
+            ]
+        )
+        try:
+            r = max(
+                choose_rank(importance[g], config.rank_mode, tau=config.tau, fraction=config.fraction,
+                            rank=config.rank, gate=config.gate, min_state=config.min_state)
+                for g in range(G)
+            )
+        except ValueError as err:
+            raise ValueError(f"{adapter.name}: {err}") from None
+        if r < N:
+            kept = torch.stack([select_states(importance[g], r, config.keep, generator) for g in range(G)])
+        else:
+            kept = torch.arange(N).expand(G, N).clone()
+        decisions.append(LayerDecision(adapter.name, adapter.kind, N, r, kept, importance, hsv))
+    return decisions
+
+
+def cut_model_(model: nn.Module, adapters: list, decisions: list, optimizer=None) -> None:
+    """Apply ``decisions`` to the model (and optimizer), all layers or none, and record the new sizes."""
+    by_name = {a.name: a for a in adapters}
+    plans = [by_name[d.name].plan_select(d.kept) for d in decisions if d.cut]
+    if plans:
+        apply_cuts(plans, optimizer)
+    record_state_sizes(model, adapters)
+
+
+def run_calibration(model: nn.Module, calibration, collector: GramianCollector) -> int:
+    """Run ``calibration`` batches through ``model`` with ``collector`` on; returns the batch count.
+
+    A batch is a dict of model inputs (``input_ids``, ``attention_mask``, …) or a tensor of input ids.
+    The model's training flag is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batches = 0
+    try:
+        with torch.no_grad(), collector:
+            for batch in calibration:
+                if torch.is_tensor(batch):
+                    model(batch.to(device))
+                elif isinstance(batch, dict):
+                    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
+                              if k not in ("labels",)}
+                    model(**inputs)
+                else:
+                    raise TypeError(f"calibration batches must be dicts of model inputs or tensors, got {type(batch).__name__}")
+                batches += 1
+    finally:
+        model.train(was_training)
+    return batches
+
+
+def compress_(model: nn.Module, config: CompressConfig, calibration, *, optimizer=None) -> CompressionReport:
+    """One-shot compression in place: calibrate, choose ranks, cut every supported mixer.
+
+    Args:
+        model: a model holding supported Mamba mixers (``mixers.supported_types()``).
+        config: ``CompressConfig``.
+        calibration: an iterable of batches (dicts of model inputs, or input-id tensors).
+        optimizer: optional; re-keyed and sliced alongside the parameters.
+
+    Returns:
+        a ``CompressionReport``.  On any error (unsupported model, empty calibration, diverged
+        Gramians, impossible rank) the model is left exactly as it was.
+    """
+    if not isinstance(config, CompressConfig):
+        raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")
+    adapters = find_mixers(model)
+    collector = GramianCollector(adapters, config.estimator)
+    if run_calibration(model, calibration, collector) == 0:
+        raise ValueError("calibration is empty: compress_ needs at least one batch")
+    decisions = decide_cuts(adapters, collector.gramians(), config)
+    cut_model_(model, adapters, decisions, optimizer)
+    return CompressionReport(decisions, config)
