@@ -13,7 +13,8 @@ schedule untouched) and logs the per-layer state sizes into ``state.log_history`
 whatever the Jaccard index says.
 
 ``mode="pragmatic"``: before each cut the validation metric (``metric_fn(model)``, lower is better;
-by default the mean loss over the evaluation dataloader) is measured, the cut is made and measured
+by default the mean loss over ``eval_data``, or over the Trainer's evaluation dataloader once it has
+evaluated) is measured, the cut is made and measured
 again; if the metric worsened by more than ``rollback_tolerance`` (relative), the cut is undone —
 the very same parameter objects and optimizer state come back, bit for bit — and reducing stops.
 """
@@ -91,18 +92,22 @@ class CompreSSMCallback(TrainerCallback):
     Args:
         config: ``CompressConfig``.
         metric_fn: for ``mode="pragmatic"``: ``metric_fn(model) -> float``, lower is better.  Default:
-            mean loss over at most ``eval_batches`` batches of the Trainer's evaluation dataloader.
+            mean loss over at most ``eval_batches`` batches of ``eval_data``.
+        eval_data: for the default metric: an iterable of batches (dicts with ``labels``), e.g.
+            ``trainer.get_eval_dataloader()``; the Trainer's own evaluation dataloader is used when
+            this is None and the Trainer has evaluated before.
         eval_batches: cap for the default metric (default 16).
 
     After training, ``reports`` holds one ``CompressionReport`` per attempt that cut (``step`` set),
     ``jaccard`` the stable schedule's measurements, ``rolled_back`` the steps whose cut was undone.
     """
 
-    def __init__(self, config: CompressConfig, *, metric_fn=None, eval_batches: int = 16):
+    def __init__(self, config: CompressConfig, *, metric_fn=None, eval_data=None, eval_batches: int = 16):
         if not isinstance(config, CompressConfig):
             raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")
         self.config = config
         self.metric_fn = metric_fn
+        self.eval_data = eval_data
         self.eval_batches = eval_batches
         self.reports: list = []
         self.jaccard: list = []  # (step, smallest per-layer Jaccard vs the previous attempt)
@@ -119,10 +124,10 @@ class CompreSSMCallback(TrainerCallback):
         self._adapters = find_mixers(model)  # TypeError for a model without supported mixers
         self._collector = GramianCollector(self._adapters, self.config.estimator)
         self.steps = attempt_steps(self.config, state.max_steps)
-        if self.config.mode == "pragmatic" and self.metric_fn is None and kwargs.get("eval_dataloader") is None:
+        if self.config.mode == "pragmatic" and self.metric_fn is None and self.eval_data is None:
             raise ValueError(
-                "CompressConfig.mode='pragmatic' needs a validation metric: pass metric_fn to CompreSSMCallback "
-                "or give the Trainer an eval_dataset"
+                "CompressConfig.mode='pragmatic' needs a validation metric: pass metric_fn= or eval_data= "
+                "(e.g. trainer.get_eval_dataloader()) to CompreSSMCallback"
             )
         # A resumed run: attempts scheduled at or before the checkpoint's step are not repeated.
         self.steps = [s for s in self.steps if s > state.global_step]
@@ -158,7 +163,7 @@ class CompreSSMCallback(TrainerCallback):
 
         if not any(d.cut for d in decisions):
             return
-        self._cut(model, optimizer, decisions, state, control, kwargs.get("eval_dataloader"))
+        self._cut(model, optimizer, decisions, state, control, self.eval_data or kwargs.get("eval_dataloader"))
         if self.config.schedule == "stable":
             self.stopped = True  # the stable schedule cuts once
 
