@@ -27,11 +27,11 @@ import torch
 from transformers import TrainerCallback
 
 from .collect import GramianCollector
-from .compress import CompressionReport, decide_cuts
+from .compress import CompressionReport, decide_cuts, plans_for
 from .config import CompressConfig
 from .mixers import find_mixers
 from .state_sizes import record_state_sizes
-from .surgery import apply_cuts, unwrap_optimizer
+from .surgery import apply_cuts
 
 __all__ = ["CompreSSMCallback", "attempt_steps"]
 
@@ -61,29 +61,6 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
         sa, sb = set(ga), set(gb)
         scores.append(len(sa & sb) / len(sa | sb))
     return sum(scores) / len(scores)
-
-
-class _Undo:
-    """Everything needed to put back a cut exactly: old parameters, attributes, optimizer layout."""
-
-    def __init__(self, plans, optimizer):
-        self.params = [(cut.module, cut.attr, cut.old) for plan in plans for cut in plan.params]
-        self.attrs = [(module, attr, getattr(module, attr)) for plan in plans for module, attr, _ in plan.attrs]
-        self.optimizer = optimizer
-        if optimizer is not None:
-            self.groups = [list(group["params"]) for group in optimizer.param_groups]
-            self.state = dict(optimizer.state)
-
-    def __call__(self):
-        for module, attr, old in self.params:
-            setattr(module, attr, old)
-        for module, attr, value in self.attrs:
-            setattr(module, attr, value)
-        if self.optimizer is not None:
-            for group, params in zip(self.optimizer.param_groups, self.groups):
-                group["params"] = params
-            self.optimizer.state.clear()
-            self.optimizer.state.update(self.state)
 
 
 class CompreSSMCallback(TrainerCallback):
@@ -179,17 +156,14 @@ class CompreSSMCallback(TrainerCallback):
         return next((s for s in self.steps if s > global_step), None)
 
     def _cut(self, model, optimizer, decisions, state, control, eval_dataloader):
-        optimizer = unwrap_optimizer(optimizer)
-        by_name = {a.name: a for a in self._adapters}
-        plans = [by_name[d.name].plan_select(d.kept) for d in decisions if d.cut]
+        plans = plans_for(self._adapters, decisions)
         pragmatic = self.config.mode == "pragmatic"
         before = self._metric(model, eval_dataloader) if pragmatic else None
-        undo = _Undo(plans, optimizer)
-        apply_cuts(plans, optimizer)
+        applied = apply_cuts(plans, optimizer)
         if pragmatic:
             after = self._metric(model, eval_dataloader)
             if after - before > self.config.rollback_tolerance * abs(before):
-                undo()
+                applied.undo()
                 self.stopped = True
                 self.rolled_back.append(state.global_step)
                 state.log_history.append(

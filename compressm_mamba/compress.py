@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .balanced_mamba2 import group_balancing_maps, group_gramians
 from .collect import GramianCollector
 from .config import CompressConfig
 from .mixers import find_mixers
@@ -15,15 +16,26 @@ from .reference.selection import choose_rank, select_states, state_importance
 from .state_sizes import record_state_sizes
 from .surgery import apply_cuts
 
-__all__ = ["LayerDecision", "CompressionReport", "decide_cuts", "cut_model_", "compress_", "run_calibration"]
+__all__ = [
+    "LayerDecision",
+    "CompressionReport",
+    "decide_cuts",
+    "plans_for",
+    "cut_model_",
+    "compress_",
+    "run_calibration",
+]
 
 
 @dataclass
 class LayerDecision:
     """What was (or would be) done to one layer.
 
-    kept: (ngroups, r) int64 kept state indices per group (all of them when not cut).
-    importance: (ngroups, N) float64 per-state importance; hsv: (channels, N) float64.
+    kept: (ngroups, r) int64 kept state indices per group (all of them when not cut); for a
+        balanced reduction, the leading r balanced directions (0..r-1).
+    importance: (ngroups, N) float64 per-state importance (balanced reduction: the group HSVs);
+    hsv: (channels, N) float64 per-channel (per-head) HSVs.
+    maps: balanced reduction only: (B_map, C_map), each (ngroups, r, N) float64.
     """
 
     name: str
@@ -33,6 +45,11 @@ class LayerDecision:
     kept: torch.Tensor
     importance: torch.Tensor
     hsv: torch.Tensor
+    maps: tuple | None = None
+
+    @property
+    def reduction(self) -> str:
+        return "select" if self.maps is None else "balanced"
 
     @property
     def cut(self) -> bool:
@@ -97,14 +114,17 @@ class CompressionReport:
 def decide_cuts(adapters: list, gramians: dict, config: CompressConfig) -> list:
     """Choose, per layer, how many and which states to keep (METHOD.md §5–6).
 
-    gramians: {layer name: (P, Q)}, each (channels, N, N).  Groups (Mamba2) get one importance
-    spectrum each; r is the largest of the groups' ranks, so all groups keep the same number.
-    Raises ValueError naming the layer for non-finite Gramians or an impossible rank.
+    gramians: {layer name: (P, Q)}, each (channels, N, N).  Groups (Mamba2) get one spectrum each;
+    r is the largest of the groups' ranks, so that all groups keep the same number.  With
+    ``reduction="balanced"`` (Mamba2) the spectrum is the HSVs of the group's summed Gramians and the
+    kept states are its r leading balanced directions.  Raises ValueError naming the layer for
+    non-finite Gramians or an impossible rank.
     """
     generator = torch.Generator().manual_seed(config.seed)
     decisions = []
     for adapter in adapters:
-        if config.reduction == "balanced" and adapter.kind != "mamba2":
+        balanced = config.reduction == "balanced"
+        if balanced and adapter.kind != "mamba2":
             raise ValueError(f"{adapter.name}: reduction='balanced' needs a Mamba2 mixer (Mamba1 keeps states by selection)")
         P, Q = gramians[adapter.name]
         N, G = adapter.state_size, adapter.ngroups
@@ -114,14 +134,15 @@ def decide_cuts(adapters: list, gramians: dict, config: CompressConfig) -> list:
                 "were they collected before a cut?"
             )
         hsv = hankel_singular_values(P, Q, name=adapter.name)
-        per_group = adapter.channels // G
-        importance = torch.stack(
-            [
-                state_importance(P[g * per_group : (g + 1) * per_group], Q[g * per_group : (g + 1) * per_group],
-                                 config.importance, name=adapter.name)
-                for g in range(G)
-            ]
-        )
+        if balanced:
+            P_g, Q_g = group_gramians(P, Q, G)
+            importance = hankel_singular_values(P_g, Q_g, name=adapter.name)
+        else:
+            per_group = adapter.channels // G
+            groups = [slice(g * per_group, (g + 1) * per_group) for g in range(G)]
+            importance = torch.stack(
+                [state_importance(P[grp], Q[grp], config.importance, name=adapter.name) for grp in groups]
+            )
         try:
             r = max(
                 choose_rank(importance[g], config.rank_mode, tau=config.tau, fraction=config.fraction,
@@ -130,18 +151,37 @@ def decide_cuts(adapters: list, gramians: dict, config: CompressConfig) -> list:
             )
         except ValueError as err:
             raise ValueError(f"{adapter.name}: {err}") from None
-        if r < N:
+        maps = None
+        if r < N and balanced:
+            kept = torch.arange(r).expand(G, r).clone()
+            maps = group_balancing_maps(P_g, Q_g, r, name=adapter.name)
+        elif r < N:
             kept = torch.stack([select_states(importance[g], r, config.keep, generator) for g in range(G)])
         else:
             kept = torch.arange(N).expand(G, N).clone()
-        decisions.append(LayerDecision(adapter.name, adapter.kind, N, r, kept, importance, hsv))
+        decisions.append(LayerDecision(adapter.name, adapter.kind, N, r, kept, importance, hsv, maps))
     return decisions
+
+
+def plans_for(adapters: list, decisions: list) -> list:
+    """Cut plans for the decisions that cut (selection, or balancing maps composed with the layer's own)."""
+    by_name = {a.name: a for a in adapters}
+    plans = []
+    for d in decisions:
+        if not d.cut:
+            continue
+        adapter = by_name[d.name]
+        if d.maps is None:
+            plans.append(adapter.plan_select(d.kept))
+        else:
+            B_now, C_now = adapter.maps()
+            plans.append(adapter.plan_maps(d.maps[0] @ B_now, d.maps[1] @ C_now))
+    return plans
 
 
 def cut_model_(model: nn.Module, adapters: list, decisions: list, optimizer=None) -> None:
     """Apply ``decisions`` to the model (and optimizer), all layers or none, and record the new sizes."""
-    by_name = {a.name: a for a in adapters}
-    plans = [by_name[d.name].plan_select(d.kept) for d in decisions if d.cut]
+    plans = plans_for(adapters, decisions)
     if plans:
         apply_cuts(plans, optimizer)
     record_state_sizes(model, adapters)

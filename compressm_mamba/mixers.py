@@ -52,6 +52,7 @@ class CutPlan:
     new_state_size: int
     params: list = field(default_factory=list)  # [ParamCut]
     attrs: list = field(default_factory=list)  # [(module, attr, new value)]
+    buffers: list = field(default_factory=list)  # [(module, buffer name, new tensor)], registered persistent
 
 
 def _mask_tokens(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -170,6 +171,10 @@ class Mamba2Adapter(MixerAdapter):
     in_proj rows are [z (I) | x (I) | B (G·N) | C (G·N) | dt (H)]; conv1d runs over [x | B | C].
     Selection keeps, per group g, the B and C rows g·N + idx_g of in_proj and the matching conv1d
     channels (weight and bias).
+
+    A mixer already cut by balanced truncation (``BalancedMamba2Mixer``) computes N-dimensional B, C
+    (``full_state_size``) and maps them onto its r scan states with fixed (G, r, N) maps; selecting
+    its states keeps rows of the maps, and a further balanced cut composes a new map with the old.
     """
 
     kind = "mamba2"
@@ -179,6 +184,15 @@ class Mamba2Adapter(MixerAdapter):
         return int(self.module.ssm_state_size)
 
     @property
+    def full_state_size(self) -> int:
+        """Size of the B and C that in_proj and conv1d produce (= state_size unless balanced)."""
+        return int(getattr(self.module, "full_state_size", self.module.ssm_state_size))
+
+    @property
+    def balanced(self) -> bool:
+        return hasattr(self.module, "B_map")
+
+    @property
     def ngroups(self) -> int:
         return int(self.module.n_groups)
 
@@ -186,26 +200,40 @@ class Mamba2Adapter(MixerAdapter):
     def channels(self) -> int:
         return int(self.module.num_heads)
 
+    def maps(self):
+        """The (G, r, N) float64 maps from B/C to the scan's states (identity for a plain mixer)."""
+        if self.balanced:
+            return self.module.B_map.double(), self.module.C_map.double()
+        eye = torch.eye(self.full_state_size, dtype=torch.float64).expand(self.ngroups, -1, -1).clone()
+        return eye, eye
+
     @torch.no_grad()
     def ssm_inputs(self, hidden_states, attention_mask=None):
         m = self.module
         batch, L, _ = hidden_states.shape
-        I, G, N, H = m.intermediate_size, self.ngroups, self.state_size, m.num_heads
+        I, G, N, H = m.intermediate_size, self.ngroups, self.full_state_size, m.num_heads
         proj = m.in_proj(_mask_tokens(hidden_states, attention_mask))
         _, xBC, dt = proj.split([I, m.conv_dim, H], dim=-1)
         xBC = m.act(m.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)
         xBC = _mask_tokens(xBC, attention_mask)
         _, B, C = xBC.split([I, G * N, G * N], dim=-1)
-        B = B.reshape(batch, L, G, N).permute(0, 2, 3, 1)
-        C = C.reshape(batch, L, G, N).permute(0, 2, 3, 1)
+        B = B.reshape(batch, L, G, N).permute(0, 2, 3, 1).float()
+        C = C.reshape(batch, L, G, N).permute(0, 2, 3, 1).float()
+        if self.balanced:
+            B = torch.einsum("grn,bgnl->bgrl", m.B_map.float(), B)
+            C = torch.einsum("grn,bgnl->bgrl", m.C_map.float(), C)
         delta = F.softplus(dt.float() + m.dt_bias.float())
         lo, hi = m.time_step_limit
         delta = delta.clamp(min=lo, max=hi).transpose(1, 2)  # (batch, H, L)
-        A = (-torch.exp(m.A_log.float()))[:, None].expand(H, N)
-        return delta, A, B.float(), C.float()
+        A = (-torch.exp(m.A_log.float()))[:, None].expand(H, self.state_size)
+        return delta, A, B, C
 
     def plan_select(self, keep):
         keep = self._check_keep(keep)
+        if self.balanced:
+            B_map, C_map = self.maps()
+            rows = keep[:, :, None].expand(-1, -1, B_map.shape[-1])
+            return self.plan_maps(torch.gather(B_map, 1, rows), torch.gather(C_map, 1, rows))
         m = self.module
         I, G, N, H = m.intermediate_size, self.ngroups, self.state_size, m.num_heads
         r = int(keep.shape[1])
@@ -230,6 +258,22 @@ class Mamba2Adapter(MixerAdapter):
         ]
         return plan
 
+    def plan_maps(self, B_map: torch.Tensor, C_map: torch.Tensor) -> CutPlan:
+        """Plan to run the scan on ``B_map @ B``, ``C_map @ C`` (each (G, r, full N)), balancing the mixer."""
+        from .balanced_mamba2 import mixer_class
+
+        G, N = self.ngroups, self.full_state_size
+        if B_map.dim() != 3 or B_map.shape[0] != G or B_map.shape[2] != N or C_map.shape != B_map.shape:
+            raise ValueError(f"{self.name}: maps must be (ngroups={G}, r, N={N}), got "
+                             f"{tuple(B_map.shape)} and {tuple(C_map.shape)}")
+        m = self.module
+        r = int(B_map.shape[1])
+        dtype = m.A_log.dtype
+        plan = CutPlan(self.name, r)
+        plan.buffers += [(m, "B_map", B_map.to(dtype).clone()), (m, "C_map", C_map.to(dtype).clone())]
+        plan.attrs += [(m, "__class__", mixer_class()), (m, "ssm_state_size", r)]
+        return plan
+
 
 def _adapter_factories():
     """(class, factory) pairs for the mixer types importable here."""
@@ -239,6 +283,10 @@ def _adapter_factories():
         pairs.append((hf["MambaMixer"], lambda n, m: Mamba1Adapter(n, m, "ssm_state_size", "time_step_rank")))
     if "Mamba2Mixer" in hf:
         pairs.append((hf["Mamba2Mixer"], Mamba2Adapter))
+    if "Mamba2Mixer" in hf:
+        from .balanced_mamba2 import mixer_class
+
+        pairs.append((mixer_class(), Mamba2Adapter))
     mamba_cls = _optional.mamba_ssm_mamba1_class()
     if mamba_cls is not None:
         pairs.append((mamba_cls, lambda n, m: Mamba1Adapter(n, m, "d_state", "dt_rank")))

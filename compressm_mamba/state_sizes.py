@@ -21,39 +21,64 @@ __all__ = ["record_state_sizes", "recorded_state_sizes", "resize_to_", "from_pre
 
 
 def record_state_sizes(model: nn.Module, adapters: list) -> dict:
-    """Write the adapters' current state sizes into ``model.config`` (when the model has one)."""
+    """Write the adapters' current state sizes into ``model.config`` (when the model has one).
+
+    Balanced-truncated Mamba2 layers also record the size of the B and C their in_proj computes
+    (``balanced``: {layer name: N}); ``config.state_size`` is the largest size any layer builds with.
+    """
     sizes = {a.name: a.state_size for a in adapters}
+    balanced = {a.name: a.full_state_size for a in adapters if getattr(a, "balanced", False)}
     config = getattr(model, "config", None)
     if config is None:
         model._compressm_state_sizes = sizes
         return sizes
     config.compressm = {"state_sizes": sizes}
-    if hasattr(config, "state_size"):
-        config.state_size = max(sizes.values())
+    if balanced:
+        config.compressm["balanced"] = balanced
+    largest = max(list(sizes.values()) + list(balanced.values()))
+    if hasattr(config, "state_size"):  # transformers
+        config.state_size = largest
+    elif isinstance(getattr(config, "ssm_cfg", None), dict):  # mamba_ssm's MambaConfig
+        config.ssm_cfg["d_state"] = largest
     return sizes
 
 
-def recorded_state_sizes(config) -> dict | None:
+def recorded_state_sizes(config) -> tuple:
+    """(state sizes, balanced full sizes) recorded in a config: ({name: N}, {name: N_full}); (None, {})."""
     record = getattr(config, "compressm", None)
     if not isinstance(record, dict) or "state_sizes" not in record:
-        return None
-    return {str(k): int(v) for k, v in record["state_sizes"].items()}
+        return None, {}
+    sizes = {str(k): int(v) for k, v in record["state_sizes"].items()}
+    balanced = {str(k): int(v) for k, v in record.get("balanced", {}).items()}
+    return sizes, balanced
 
 
-def resize_to_(model: nn.Module, sizes: dict) -> None:
-    """Cut each named mixer to its first ``sizes[name]`` states per group (placeholders before loading)."""
+def resize_to_(model: nn.Module, sizes: dict, balanced: dict | None = None) -> None:
+    """Bring each named mixer to its recorded size, with placeholder weights (before loading).
+
+    sizes: {layer name: N}; balanced: {layer name: N_full} for balanced-truncated Mamba2 layers,
+    which get (zero) maps of shape (ngroups, N, N_full).
+    """
+    balanced = balanced or {}
     adapters = {a.name: a for a in find_mixers(model)}
-    unknown = sorted(set(sizes) - set(adapters))
+    unknown = sorted((set(sizes) | set(balanced)) - set(adapters))
     if unknown:
         raise ValueError(f"state sizes name layers the model does not have: {unknown}")
-    plans = []
-    for name, r in sizes.items():
-        a = adapters[name]
+
+    def first_states(a, r):
         if not 1 <= r <= a.state_size:
-            raise ValueError(f"{name}: recorded state size {r} is not in [1, {a.state_size}]")
-        if r < a.state_size:
-            plans.append(a.plan_select(torch.arange(r).expand(a.ngroups, r).clone()))
-    apply_cuts(plans)
+            raise ValueError(f"{a.name}: recorded state size {r} is not in [1, {a.state_size}]")
+        return a.plan_select(torch.arange(r).expand(a.ngroups, r).clone())
+
+    # First every layer's B/C to its built size, then the balanced layers' maps on top.
+    apply_cuts([first_states(adapters[n], balanced.get(n, r)) for n, r in sizes.items()
+                if balanced.get(n, r) < adapters[n].state_size])
+    maps = []
+    for name, full in balanced.items():
+        a, r = adapters[name], sizes[name]
+        zeros = torch.zeros(a.ngroups, r, full, dtype=torch.float64)
+        maps.append(a.plan_maps(zeros, zeros.clone()))
+    apply_cuts(maps)
     record_state_sizes(model, list(adapters.values()))
 
 
@@ -92,13 +117,13 @@ def from_pretrained(path: str, *, model_class=None, torch_dtype=None):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     model_class = model_class or AutoModelForCausalLM
     config = AutoConfig.from_pretrained(path)
-    sizes = recorded_state_sizes(config)
-    if not sizes or len(set(sizes.values())) == 1:
+    sizes, balanced = recorded_state_sizes(config)
+    if not balanced and (not sizes or len(set(sizes.values())) == 1):
         kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
         return model_class.from_pretrained(path, **kwargs)
 
     model = model_class.from_config(config)
-    resize_to_(model, sizes)
+    resize_to_(model, sizes, balanced)
     state = load_safetensors_dir(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:

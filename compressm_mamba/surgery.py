@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .mixers import CutPlan
 
-__all__ = ["apply_cuts", "unwrap_optimizer"]
+__all__ = ["apply_cuts", "AppliedCuts", "unwrap_optimizer"]
 
 
 def unwrap_optimizer(optimizer):
@@ -46,11 +46,50 @@ def _prepare_optimizer_state(optimizer, old: nn.Parameter, index, where: str) ->
     return new_state
 
 
-def apply_cuts(plans: list, optimizer=None) -> dict:
+_MISSING = object()
+
+
+class AppliedCuts:
+    """What ``apply_cuts`` changed, with ``undo()`` to put back the very same objects.
+
+    ``mapping``: {old parameter: new parameter}.  ``undo()`` restores the old parameter objects,
+    attributes, buffers and the optimizer's groups and state exactly (nothing is copied or
+    recomputed), as long as nothing else has modified them since.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.mapping = {}
+        self._params = []  # (module, attr, old parameter)
+        self._attrs = []  # (module, attr, previous value)
+        self._buffers = []  # (module, name, previous tensor or _MISSING)
+        self._groups = None
+        self._state = None
+
+    def undo(self) -> None:
+        for module, name, previous in reversed(self._buffers):
+            if previous is _MISSING:
+                del module._buffers[name]
+            else:
+                module._buffers[name] = previous
+        for module, attr, previous in reversed(self._attrs):
+            setattr(module, attr, previous)
+        for module, attr, old in reversed(self._params):
+            setattr(module, attr, old)
+        if self._groups is not None:
+            for group, params in zip(self.optimizer.param_groups, self._groups):
+                group["params"] = params
+            for new in self.mapping.values():
+                self.optimizer.state.pop(new, None)
+            self.optimizer.state.update(self._state)
+        self._buffers, self._attrs, self._params, self._groups = [], [], [], None
+
+
+def apply_cuts(plans: list, optimizer=None) -> AppliedCuts:
     """Apply every plan in ``plans`` (one per layer) and re-key ``optimizer``; all or nothing.
 
-    Returns {old parameter: new parameter}.  On any error the model and the optimizer are exactly as
-    before the call.
+    Returns an ``AppliedCuts`` (old -> new parameters, and ``undo()``).  On any error the model and
+    the optimizer are exactly as before the call.
     """
     optimizer = unwrap_optimizer(optimizer)
     # 1. Prepare: new tensors and optimizer states; nothing is modified yet.
@@ -60,50 +99,38 @@ def apply_cuts(plans: list, optimizer=None) -> dict:
             raise TypeError(f"expected CutPlan, got {type(plan).__name__}")
         for cut in plan.params:
             old = cut.old
-            where = f"{plan.name}: {cut.attr}"
             with torch.no_grad():
                 data = cut.index(old.detach())
             new = nn.Parameter(data, requires_grad=old.requires_grad)
-            staged.append((cut.module, cut.attr, old, new, _prepare_optimizer_state(optimizer, old, cut.index, where)))
-    attr_updates = [(module, attr, value, getattr(module, attr)) for plan in plans for module, attr, value in plan.attrs]
+            staged.append((cut.module, cut.attr, old, new, _prepare_optimizer_state(optimizer, old, cut.index,
+                                                                                   f"{plan.name}: {cut.attr}")))
 
-    # 2. Commit: only assignments.  Undo what was done if anything goes wrong midway.
-    done_params, done_attrs = [], []
+    # 2. Commit: only assignments, recorded as they happen so that they can be undone.
+    applied = AppliedCuts(optimizer)
     try:
         for module, attr, old, new, _ in staged:
             setattr(module, attr, new)
-            done_params.append((module, attr, old))
-        for module, attr, value, previous in attr_updates:
-            setattr(module, attr, value)
-            done_attrs.append((module, attr, previous))
+            applied._params.append((module, attr, old))
+            applied.mapping[old] = new
+        for plan in plans:
+            for module, attr, value in plan.attrs:
+                previous = getattr(module, attr)
+                setattr(module, attr, value)
+                applied._attrs.append((module, attr, previous))
+            for module, name, tensor in plan.buffers:
+                previous = module._buffers.get(name, _MISSING)
+                module.register_buffer(name, tensor, persistent=True)
+                applied._buffers.append((module, name, previous))
         if optimizer is not None:
-            _rekey_optimizer(optimizer, staged)
+            applied._groups = [list(group["params"]) for group in optimizer.param_groups]
+            applied._state = {old: optimizer.state[old] for _, _, old, _, _ in staged if old in optimizer.state}
+            for group in optimizer.param_groups:
+                group["params"] = [applied.mapping.get(p, p) for p in group["params"]]
+            for _, _, old, new, new_state in staged:
+                optimizer.state.pop(old, None)
+                if new_state is not None:
+                    optimizer.state[new] = new_state
     except BaseException:
-        for module, attr, previous in reversed(done_attrs):
-            setattr(module, attr, previous)
-        for module, attr, old in reversed(done_params):
-            setattr(module, attr, old)
+        applied.undo()
         raise
-    return {old: new for _, _, old, new, _ in staged}
-
-
-def _rekey_optimizer(optimizer, staged) -> None:
-    """Swap old parameters for new ones in ``param_groups`` and move their (sliced) state."""
-    mapping = {id(old): new for _, _, old, new, _ in staged}
-    saved_groups = [list(group["params"]) for group in optimizer.param_groups]
-    saved_state = {old: optimizer.state[old] for _, _, old, _, _ in staged if old in optimizer.state}
-    try:
-        for group in optimizer.param_groups:
-            group["params"] = [mapping.get(id(p), p) for p in group["params"]]
-        for _, _, old, new, new_state in staged:
-            if old in optimizer.state:
-                del optimizer.state[old]
-            if new_state is not None:
-                optimizer.state[new] = new_state
-    except BaseException:
-        for group, params in zip(optimizer.param_groups, saved_groups):
-            group["params"] = params
-        for _, _, _, new, _ in staged:
-            optimizer.state.pop(new, None)
-        optimizer.state.update(saved_state)
-        raise
+    return applied

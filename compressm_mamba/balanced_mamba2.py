@@ -1,0 +1,111 @@
+"""Balanced truncation for Mamba2 layers (METHOD.md §5, ``reduction="balanced"``).
+
+In a Mamba2 layer every head's transition is a scalar times the identity, so ANY change of state
+coordinates T commutes with it: the heads of a group (which share B and C) can be balanced
+together.  With the group's Gramians summed over its heads and T the balancing transform,
+
+    h' = T⁻¹ h,   B'_t = T⁻¹_r B_t  (r × N map),   C'_t = T_rᵀ C_t  (r × N map),
+
+and keeping the r leading balanced directions is exact balanced truncation of the averaged system.
+B and C come out of in_proj → depthwise conv1d → SiLU, a nonlinearity, so the maps cannot be folded
+into in_proj: ``BalancedMamba2Mixer`` applies them after the activation and runs the scan at N' = r,
+while in_proj and conv1d keep computing the N-dimensional B and C.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .reference.balancing import balanced_transform
+
+__all__ = ["group_gramians", "group_balancing_maps", "mixer_class"]
+
+
+def group_gramians(P: torch.Tensor, Q: torch.Tensor, ngroups: int):
+    """Sum per-head Gramians (nheads, N, N) over the heads of each group -> (ngroups, N, N) each."""
+    H, N = P.shape[0], P.shape[-1]
+    return P.reshape(ngroups, H // ngroups, N, N).sum(1), Q.reshape(ngroups, H // ngroups, N, N).sum(1)
+
+
+def group_balancing_maps(P_g: torch.Tensor, Q_g: torch.Tensor, r: int, *, name: str | None = None):
+    """Maps onto the r leading balanced directions of each group's Gramians (ngroups, N, N).
+
+    Returns B_map = T⁻¹[:r, :] and C_map = T[:, :r]ᵀ, each (ngroups, r, N) float64: the scan then sees
+    B' = B_map[g] B and C' = C_map[g] C.
+    """
+    T, Tinv, _ = balanced_transform(P_g, Q_g, name=name)
+    return Tinv[:, :r, :], T[:, :, :r].transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def mixer_class():
+    """The ``BalancedMamba2Mixer`` class; defined on first use because it subclasses transformers'
+    ``Mamba2Mixer`` (importing this module never imports transformers)."""
+    from transformers.models.mamba2 import modeling_mamba2 as hf
+
+    class BalancedMamba2Mixer(hf.Mamba2Mixer):
+        """HF ``Mamba2Mixer`` whose scan runs on r balanced directions of its N-dimensional B and C.
+
+        Buffers ``B_map``, ``C_map``: (ngroups, r, N).  ``full_state_size`` is N (in_proj, conv1d and
+        the conv cache), ``ssm_state_size`` is r (the scan and its cache).  Parameters and their names
+        are the HF mixer's; a model is turned into this class in place by the surgery.
+        """
+
+        @property
+        def full_state_size(self) -> int:
+            return int(self.B_map.shape[-1])
+
+        def _project(self, BC: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+            """(batch, L, ngroups * N) -> (batch, L, ngroups, r)."""
+            batch, L, _ = BC.shape
+            BC = BC.reshape(batch, L, self.n_groups, self.full_state_size)
+            return torch.einsum("blgn,grn->blgr", BC, maps.to(BC.dtype))
+
+        def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+            batch, L, _ = hidden_states.shape
+            I, G, H, P = self.intermediate_size, self.n_groups, self.num_heads, self.head_dim
+            N, r = self.full_state_size, self.ssm_state_size
+            conv_state = recurrent_state = None
+            if cache_params is not None:
+                conv_state = cache_params.get_conv_state(self.layer_idx, state_idx=0)
+                recurrent_state = cache_params.get_recurrent_state(self.layer_idx, state_idx=0)
+            one_token = conv_state is not None and L == 1 and not cache_params.is_recording_past(self.layer_idx)
+
+            hidden_states = hf.apply_mask_to_padding_states(hidden_states, attention_mask)
+            z, xBC, dt = self.in_proj(hidden_states).split([I, self.conv_dim, H], dim=-1)
+            weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+            xBC = xBC.transpose(1, 2)
+            if one_token:
+                xBC = hf.causal_conv1d_update(xBC, conv_state, weight, bias, activation=self.activation)
+            else:
+                if cache_params is not None:
+                    xBC = cache_params.update_conv_state(xBC, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+                xBC = hf.causal_conv1d_fn(xBC, weight, bias, activation=self.activation)
+                if cache_params is not None:
+                    xBC = xBC[:, :, -L:]
+            xBC = hf.apply_mask_to_padding_states(xBC.transpose(1, 2), attention_mask)
+            x, B, C = xBC.split([I, G * N, G * N], dim=-1)
+            B, C = self._project(B, self.B_map), self._project(C, self.C_map)  # (batch, L, G, r)
+            A = -torch.exp(self.A_log.float())
+
+            if recurrent_state is not None and L == 1:
+                y = hf.mamba2_selective_state_update(
+                    recurrent_state, x.view(batch, H, P), dt.transpose(1, 2).expand(-1, -1, P),
+                    A[:, None, None].expand(-1, P, r), B[:, 0], C[:, 0], self.D[:, None].expand(-1, P),
+                    z=None, dt_bias=self.dt_bias[:, None].expand(-1, P), dt_softplus=True,
+                ).view(batch, 1, -1)
+            else:
+                result = hf.mamba2_chunk_scan(
+                    x.view(batch, L, H, P), dt, A, B, C, chunk_size=self.chunk_size, D=self.D, z=None,
+                    return_final_states=cache_params is not None, dt_bias=self.dt_bias, dt_softplus=True,
+                    initial_states=recurrent_state, dt_limit=self.time_step_limit,
+                )
+                if cache_params is not None:
+                    result, final_state = result
+                    cache_params.update_recurrent_state(final_state, layer_idx=self.layer_idx)
+                y = result.reshape(batch, L, -1)
+            return self.out_proj(self.norm(y, z).to(hidden_states.dtype))
+
+    return BalancedMamba2Mixer

@@ -1,0 +1,125 @@
+"""Balanced truncation of Mamba2 layers: BalancedMamba2Mixer and reduction="balanced"."""
+
+import pytest
+import torch
+from helpers import assert_close, random_ids, tiny_mamba2
+
+import compressm_mamba as cm
+from compressm_mamba.balanced_mamba2 import group_balancing_maps, group_gramians, mixer_class
+from compressm_mamba.collect import GramianCollector
+from compressm_mamba.mixers import find_mixers
+from compressm_mamba.reference import selective_scan_mamba2
+from compressm_mamba.surgery import apply_cuts
+
+pytest.importorskip("transformers")
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def collected_gramians(model, ids):
+    adapters = find_mixers(model)
+    collector = GramianCollector(adapters)
+    with collector, torch.no_grad():
+        model(ids)
+    return adapters, collector.gramians()
+
+
+def test_full_rank_balancing_is_a_change_of_coordinates():
+    """r = N: the balanced mixer computes the same function as the plain one."""
+    model, ids = tiny_mamba2(), random_ids()
+    before = logits(model, ids)
+    adapters, grams = collected_gramians(model, ids)
+    plans = []
+    for a in adapters:
+        P_g, Q_g = group_gramians(*grams[a.name], a.ngroups)
+        plans.append(a.plan_maps(*group_balancing_maps(P_g, Q_g, a.state_size)))
+    apply_cuts(plans)
+    assert all(type(a.module) is mixer_class() for a in adapters)
+    assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-5, name="balanced full rank")
+
+
+def test_balanced_coordinates_have_balanced_gramians():
+    model, ids = tiny_mamba2(), random_ids(8, 32)
+    adapters, grams = collected_gramians(model, ids)
+    a = adapters[0]
+    P_g, Q_g = group_gramians(*grams[a.name], a.ngroups)
+    B_map, C_map = group_balancing_maps(P_g, Q_g, a.state_size)
+    apply_cuts([a.plan_maps(B_map, C_map)])
+    _, grams2 = collected_gramians(model, ids)
+    P2, Q2 = group_gramians(*grams2[a.name], a.ngroups)
+    hsv = torch.linalg.svdvals(torch.linalg.cholesky(Q_g).mT @ torch.linalg.cholesky(P_g))
+    for g in range(a.ngroups):
+        scale = float(hsv[g, 0])
+        assert_close(P2[g], torch.diag(hsv[g]), rtol=0, atol=1e-4 * scale, name=f"P group {g}")
+        assert_close(Q2[g], torch.diag(hsv[g]), rtol=0, atol=1e-4 * scale, name=f"Q group {g}")
+
+
+def test_recomputed_inputs_reproduce_the_balanced_forward():
+    model, ids = tiny_mamba2(), random_ids()
+    cm.compress_(model, cm.CompressConfig(mode="rank", rank=5, reduction="balanced"), [ids])
+    a = find_mixers(model)[0]
+    m = a.module
+    hidden = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        delta, A, B, C = a.ssm_inputs(hidden)
+        assert B.shape == (2, a.ngroups, 5, 11)
+        I, L = m.intermediate_size, 11
+        z, xBC, _ = m.in_proj(hidden).split([I, m.conv_dim, m.num_heads], dim=-1)
+        x = m.act(m.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)[..., :I]
+        y = selective_scan_mamba2(
+            x.reshape(2, L, m.num_heads, m.head_dim).double(), delta.transpose(1, 2).double(), A[:, 0].double(),
+            B.permute(0, 3, 1, 2).double(), C.permute(0, 3, 1, 2).double(), m.D.double(),
+        )
+        out = m.out_proj(m.norm(y.reshape(2, L, I).float(), z))
+        assert_close(out, m(hidden), rtol=1e-4, atol=1e-5, name="balanced mixer output")
+
+
+@pytest.mark.parametrize("r", [4, 8])
+def test_balanced_beats_selection_at_equal_rank(r):
+    """Measured on this seed: balanced truncation changes the logits less than HSV selection
+    (relative logit error 0.0106 vs 0.0125 at r=4, 0.0059 vs 0.0076 at r=8)."""
+    errors = {}
+    for reduction in ("select", "balanced"):
+        model, ids = tiny_mamba2(seed=0), random_ids(8, 32, seed=0)
+        before = logits(model, ids)
+        cm.compress_(model, cm.CompressConfig(mode="rank", rank=r, reduction=reduction), [ids])
+        errors[reduction] = float((logits(model, ids) - before).norm() / before.norm())
+    assert errors["balanced"] < errors["select"], errors
+
+
+def test_balanced_checkpoint_round_trip_and_generate(tmp_path):
+    model, ids = tiny_mamba2(), random_ids()
+    report = cm.compress_(model, cm.CompressConfig(mode="rank", rank=6, reduction="balanced"), [ids])
+    assert all(d.reduction == "balanced" and d.state_after == 6 for d in report.layers)
+    assert model.config.compressm["balanced"] == {d.name: 16 for d in report.layers}
+    # a further selection cut on a balanced layer keeps rows of its maps
+    cm.compress_(model, cm.CompressConfig(mode="rank", rank=4), [ids])
+    assert [a.state_size for a in find_mixers(model)] == [4, 4]
+    expected = logits(model, ids)
+    gen = model.generate(ids[:1, :6], max_new_tokens=5, do_sample=False)
+    seq = ids[:1, :6]
+    for _ in range(5):  # greedy decoding without a cache gives the same tokens
+        seq = torch.cat([seq, logits(model, seq)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(seq, gen)
+    model.save_pretrained(tmp_path)
+    loaded = cm.from_pretrained(str(tmp_path))
+    assert all(type(a.module) is mixer_class() for a in find_mixers(loaded))
+    assert torch.equal(logits(loaded, ids), expected)
+    assert torch.equal(loaded.generate(ids[:1, :6], max_new_tokens=5, do_sample=False), gen)
+
+
+def test_balanced_cut_leaves_parameters_and_optimizer_alone():
+    model, ids = tiny_mamba2(), random_ids()
+    opt = torch.optim.AdamW(model.parameters())
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    params = {n: p for n, p in model.named_parameters()}
+    cm.compress_(model, cm.CompressConfig(mode="rank", rank=4, reduction="balanced"), [ids], optimizer=opt)
+    assert {n: p for n, p in model.named_parameters()} == params
+    assert all(p in opt.state for p in params.values())
+    model(ids, labels=ids).loss.backward()  # and it trains
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
