@@ -80,11 +80,11 @@ def hf_mixer_classes() -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def mamba_ssm_mamba1_class():
-    """mamba_ssm's Mamba (Mamba1) module class, or None."""
+def mamba_ssm_class(module_name: str, cls_name: str):
+    """A class from mamba_ssm (e.g. ``mamba_ssm.modules.mamba_simple``, ``Mamba``), or None."""
     if mamba_ssm() is None:
         return None
     try:
-        return importlib.import_module("mamba_ssm.modules.mamba_simple").Mamba
+        return getattr(importlib.import_module(module_name), cls_name)
     except Exception:
         return None

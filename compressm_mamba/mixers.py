@@ -8,7 +8,7 @@ An adapter wraps one mixer module and answers three questions:
 - how to cut it — ``plan_select`` lists the parameter slices and attribute updates that keep a set
   of state indices (METHOD.md §5), without touching the module (``surgery`` applies them).
 
-Supported: Hugging Face ``MambaMixer`` and ``Mamba2Mixer``, mamba_ssm's ``Mamba`` (Mamba1).
+Supported: Hugging Face ``MambaMixer`` and ``Mamba2Mixer``, mamba_ssm's ``Mamba`` and ``Mamba2``.
 FalconMamba is not: its mixer RMS-normalises B and C across the state axis, so dropping states
 changes every kept state's input — no selection is exact there.
 """
@@ -24,7 +24,16 @@ import torch.nn.functional as F
 
 from . import _optional
 
-__all__ = ["MixerAdapter", "Mamba1Adapter", "Mamba2Adapter", "ParamCut", "CutPlan", "find_mixers", "supported_types"]
+__all__ = [
+    "MixerAdapter",
+    "Mamba1Adapter",
+    "Mamba2Adapter",
+    "MambaSsmMamba2Adapter",
+    "ParamCut",
+    "CutPlan",
+    "find_mixers",
+    "supported_types",
+]
 
 
 @dataclass
@@ -168,9 +177,9 @@ class Mamba1Adapter(MixerAdapter):
 class Mamba2Adapter(MixerAdapter):
     """HF ``Mamba2Mixer``: a scalar A per head, B and C per group, both produced by in_proj → conv1d → SiLU.
 
-    in_proj rows are [z (I) | x (I) | B (G·N) | C (G·N) | dt (H)]; conv1d runs over [x | B | C].
-    Selection keeps, per group g, the B and C rows g·N + idx_g of in_proj and the matching conv1d
-    channels (weight and bias).
+    in_proj rows are [prefix | z (I) | x (I) | B (G·N) | C (G·N) | dt (H)] (the prefix is mamba_ssm's
+    optional MLP part, empty for HF); conv1d runs over [x | B | C].  Selection keeps, per group g, the
+    B and C rows g·N + idx_g of in_proj and the matching conv1d channels (weight and bias).
 
     A mixer already cut by balanced truncation (``BalancedMamba2Mixer``) computes N-dimensional B, C
     (``full_state_size``) and maps them onto its r scan states with fixed (G, r, N) maps; selecting
@@ -178,15 +187,19 @@ class Mamba2Adapter(MixerAdapter):
     """
 
     kind = "mamba2"
+    # attribute names on the mixer: HF's here, mamba_ssm's in the subclass below
+    _state, _groups, _heads, _ssm_dim, _dt_limit = "ssm_state_size", "n_groups", "num_heads", "intermediate_size", \
+        "time_step_limit"
+    _extra_attrs = ("conv_dim",)  # kept equal to the conv channel count after a cut
 
     @property
     def state_size(self) -> int:
-        return int(self.module.ssm_state_size)
+        return int(getattr(self.module, self._state))
 
     @property
     def full_state_size(self) -> int:
         """Size of the B and C that in_proj and conv1d produce (= state_size unless balanced)."""
-        return int(getattr(self.module, "full_state_size", self.module.ssm_state_size))
+        return int(getattr(self.module, "full_state_size", self.state_size))
 
     @property
     def balanced(self) -> bool:
@@ -194,11 +207,19 @@ class Mamba2Adapter(MixerAdapter):
 
     @property
     def ngroups(self) -> int:
-        return int(self.module.n_groups)
+        return int(getattr(self.module, self._groups))
 
     @property
     def channels(self) -> int:
-        return int(self.module.num_heads)
+        return int(getattr(self.module, self._heads))
+
+    def _layout(self):
+        """(prefix, I, conv_dim): rows of in_proj before z, SSM width, conv channels."""
+        m = self.module
+        I, G, N, H = int(getattr(m, self._ssm_dim)), self.ngroups, self.full_state_size, self.channels
+        conv_dim = I + 2 * G * N
+        prefix = m.in_proj.out_features - (I + conv_dim + H)
+        return prefix, I, conv_dim
 
     def maps(self):
         """The (G, r, N) float64 maps from B/C to the scan's states (identity for a plain mixer)."""
@@ -211,9 +232,10 @@ class Mamba2Adapter(MixerAdapter):
     def ssm_inputs(self, hidden_states, attention_mask=None):
         m = self.module
         batch, L, _ = hidden_states.shape
-        I, G, N, H = m.intermediate_size, self.ngroups, self.full_state_size, m.num_heads
+        G, N, H = self.ngroups, self.full_state_size, self.channels
+        prefix, I, conv_dim = self._layout()
         proj = m.in_proj(_mask_tokens(hidden_states, attention_mask))
-        _, xBC, dt = proj.split([I, m.conv_dim, H], dim=-1)
+        _, xBC, dt = proj.split([prefix + I, conv_dim, H], dim=-1)
         xBC = m.act(m.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)
         xBC = _mask_tokens(xBC, attention_mask)
         _, B, C = xBC.split([I, G * N, G * N], dim=-1)
@@ -223,7 +245,7 @@ class Mamba2Adapter(MixerAdapter):
             B = torch.einsum("grn,bgnl->bgrl", m.B_map.float(), B)
             C = torch.einsum("grn,bgnl->bgrl", m.C_map.float(), C)
         delta = F.softplus(dt.float() + m.dt_bias.float())
-        lo, hi = m.time_step_limit
+        lo, hi = getattr(m, self._dt_limit)
         delta = delta.clamp(min=lo, max=hi).transpose(1, 2)  # (batch, H, L)
         A = (-torch.exp(m.A_log.float()))[:, None].expand(H, self.state_size)
         return delta, A, B, C
@@ -235,11 +257,14 @@ class Mamba2Adapter(MixerAdapter):
             rows = keep[:, :, None].expand(-1, -1, B_map.shape[-1])
             return self.plan_maps(torch.gather(B_map, 1, rows), torch.gather(C_map, 1, rows))
         m = self.module
-        I, G, N, H = m.intermediate_size, self.ngroups, self.state_size, m.num_heads
+        G, N, H = self.ngroups, self.state_size, self.channels
+        prefix, I, conv_dim = self._layout()
         r = int(keep.shape[1])
         kept = (torch.arange(G)[:, None] * N + keep).reshape(-1)  # offsets inside the B (or C) block
         conv_rows = torch.cat([torch.arange(I), I + kept, I + G * N + kept])
-        in_rows = torch.cat([torch.arange(I), I + conv_rows, 2 * I + 2 * G * N + torch.arange(H)])
+        xBC_start = prefix + I
+        in_rows = torch.cat([torch.arange(xBC_start), xBC_start + conv_rows,
+                             xBC_start + conv_dim + torch.arange(H)])
         plan = CutPlan(self.name, r)
         plan.params.append(ParamCut(m.in_proj, "weight", _rows(in_rows)))
         if m.in_proj.bias is not None:
@@ -247,14 +272,13 @@ class Mamba2Adapter(MixerAdapter):
         plan.params.append(ParamCut(m.conv1d, "weight", _rows(conv_rows)))
         if m.conv1d.bias is not None:
             plan.params.append(ParamCut(m.conv1d, "bias", _rows(conv_rows)))
-        conv_dim = int(conv_rows.numel())
+        new_conv_dim = int(conv_rows.numel())
+        plan.attrs += [(m, self._state, r)] + [(m, attr, new_conv_dim) for attr in self._extra_attrs]
         plan.attrs += [
-            (m, "ssm_state_size", r),
-            (m, "conv_dim", conv_dim),
             (m.in_proj, "out_features", int(in_rows.numel())),
-            (m.conv1d, "in_channels", conv_dim),
-            (m.conv1d, "out_channels", conv_dim),
-            (m.conv1d, "groups", conv_dim),
+            (m.conv1d, "in_channels", new_conv_dim),
+            (m.conv1d, "out_channels", new_conv_dim),
+            (m.conv1d, "groups", new_conv_dim),
         ]
         return plan
 
@@ -275,6 +299,23 @@ class Mamba2Adapter(MixerAdapter):
         return plan
 
 
+class MambaSsmMamba2Adapter(Mamba2Adapter):
+    """mamba_ssm's ``Mamba2``: the same layout under other names; selection only (its forward runs
+    mamba_ssm's fused kernels, which know nothing of balancing maps)."""
+
+    kind = "mamba2"
+    _state, _groups, _heads, _ssm_dim, _dt_limit = "d_state", "ngroups", "nheads", "d_ssm", "dt_limit"
+    _extra_attrs = ()
+
+    @property
+    def balanced(self) -> bool:
+        return False
+
+    def plan_maps(self, B_map, C_map):
+        raise ValueError(f"{self.name}: reduction='balanced' is implemented for Hugging Face Mamba2 mixers only; "
+                         "use reduction='select' for mamba_ssm's Mamba2")
+
+
 def _adapter_factories():
     """(class, factory) pairs for the mixer types importable here."""
     pairs = []
@@ -287,9 +328,12 @@ def _adapter_factories():
         from .balanced_mamba2 import mixer_class
 
         pairs.append((mixer_class(), Mamba2Adapter))
-    mamba_cls = _optional.mamba_ssm_mamba1_class()
+    mamba_cls = _optional.mamba_ssm_class("mamba_ssm.modules.mamba_simple", "Mamba")
     if mamba_cls is not None:
         pairs.append((mamba_cls, lambda n, m: Mamba1Adapter(n, m, "d_state", "dt_rank")))
+    mamba2_cls = _optional.mamba_ssm_class("mamba_ssm.modules.mamba2", "Mamba2")
+    if mamba2_cls is not None:
+        pairs.append((mamba2_cls, MambaSsmMamba2Adapter))
     return pairs
 
 

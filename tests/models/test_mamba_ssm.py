@@ -8,7 +8,6 @@ import torch
 from helpers import assert_close
 
 import compressm_mamba as cm
-from compressm_mamba import _optional
 from compressm_mamba.mixers import find_mixers
 from compressm_mamba.surgery import apply_cuts
 
@@ -17,8 +16,6 @@ pytestmark = pytest.mark.requires_mamba_ssm
 
 @pytest.fixture
 def mamba_ssm(monkeypatch):
-    if _optional.mamba_ssm_mamba1_class() is None:
-        pytest.skip("mamba_ssm is not importable here")
     import mamba_ssm.modules.mamba_simple as simple
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
@@ -73,3 +70,76 @@ def test_standalone_mamba_module_one_shot(mamba_ssm):
     report = cm.compress_(mixer, cm.CompressConfig(mode="tolerance", tau=0.2), [hidden])
     assert report.layers[0].state_after == mixer.d_state < 12
     assert mixer._compressm_state_sizes == {"": mixer.d_state}
+
+
+def mamba2_module(seed=0, d_ssm=None):
+    from mamba_ssm.modules.mamba2 import Mamba2
+
+    torch.manual_seed(seed)
+    return Mamba2(d_model=32, d_state=16, headdim=8, ngroups=2, d_ssm=d_ssm, use_mem_eff_path=False).eval()
+
+
+def mamba2_ssm_output(module, hidden):
+    """The SSM part of mamba_ssm's Mamba2 (before its gated norm), from our adapter and reference scan:
+    the forward itself needs mamba_ssm's Triton kernels on a GPU."""
+    from compressm_mamba.reference import selective_scan_mamba2
+
+    (adapter,) = find_mixers(torch.nn.ModuleDict({"mixer": module}))
+    delta, A, B, C = adapter.ssm_inputs(hidden)
+    prefix, I, conv_dim = adapter._layout()
+    batch, L, _ = hidden.shape
+    xBC = module.in_proj(hidden)[..., prefix + I : prefix + I + conv_dim]
+    x = module.act(module.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)[..., :I]
+    return selective_scan_mamba2(
+        x.reshape(batch, L, module.nheads, module.headdim).double(), delta.transpose(1, 2).double(),
+        A[:, 0].double(), B.permute(0, 3, 1, 2).double(), C.permute(0, 3, 1, 2).double(), module.D.double(),
+    )
+
+
+@pytest.mark.parametrize("d_ssm", [None, 32])  # 32 < d_inner = 64: an MLP prefix in in_proj
+def test_mamba2_module_cut_equals_zeroing(mamba_ssm, d_ssm):
+    module = mamba2_module(d_ssm=d_ssm)
+    hidden = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(2))
+    keep = torch.tensor([[0, 3, 7, 12], [2, 5, 6, 15]])
+    zeroed = copy.deepcopy(module)
+    (adapter,) = find_mixers(torch.nn.ModuleDict({"mixer": zeroed}))
+    prefix, I, _ = adapter._layout()
+    with torch.no_grad():
+        for g in range(2):
+            dropped = torch.tensor([i for i in range(16) if i not in keep[g]])
+            for block in (I, I + 2 * 16):  # B block, C block inside the conv channels
+                rows = block + g * 16 + dropped
+                zeroed.conv1d.weight[rows] = 0
+                zeroed.conv1d.bias[rows] = 0
+                zeroed.in_proj.weight[prefix + I + rows] = 0
+    (adapter,) = find_mixers(torch.nn.ModuleDict({"mixer": module}))
+    apply_cuts([adapter.plan_select(keep)])
+    assert module.d_state == 4 and module.in_proj.out_features == module.in_proj.weight.shape[0]
+    with torch.no_grad():
+        assert_close(mamba2_ssm_output(module, hidden), mamba2_ssm_output(zeroed, hidden), rtol=1e-10, atol=1e-12,
+                     name="cut vs zeroed")
+
+
+@pytest.mark.requires_cuda
+def test_mamba2_module_forward_after_cut_on_gpu(mamba_ssm):
+    module = mamba2_module().cuda()
+    hidden = torch.randn(2, 64, 32, device="cuda")
+    report = cm.compress_(module, cm.CompressConfig(mode="rank", rank=4), [hidden])
+    assert report.layers[0].state_after == 4
+    with torch.no_grad():
+        assert torch.isfinite(module(hidden)).all()
+
+
+def test_mamba2_module_refuses_balanced(mamba_ssm):
+    module = mamba2_module()
+    hidden = torch.randn(2, 10, 32)
+    (adapter,) = find_mixers(torch.nn.ModuleDict({"mixer": module}))
+    from compressm_mamba.collect import GramianCollector
+    from compressm_mamba.compress import decide_cuts, plans_for
+
+    collector = GramianCollector([adapter])
+    collector.add(adapter, hidden)
+    decisions = decide_cuts([adapter], collector.gramians(), cm.CompressConfig(mode="rank", rank=4,
+                                                                                reduction="balanced"))
+    with pytest.raises(ValueError, match="Hugging Face Mamba2 mixers only"):
+        plans_for([adapter], decisions)
