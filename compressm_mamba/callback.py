@@ -63,6 +63,22 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return sum(scores) / len(scores)
 
 
+def _weyl_margin(now, before) -> float:
+    """Half the gap at the cut minus the largest move of any importance, relative to the largest one.
+
+    Weyl's inequality bounds how far each sorted eigenvalue moves by the size of the perturbation:
+    while every value moved less than half the gap between the r-th and (r+1)-th, the top-r set
+    cannot have changed order across the cut.  Positive: the cut is settled by this criterion.
+    """
+    a = torch.sort(now.importance.sum(0), descending=True).values
+    b = torch.sort(before.importance.sum(0), descending=True).values
+    r = now.state_after
+    if r >= a.numel() or a.shape != b.shape:
+        return float("inf")
+    scale = float(a[0]) or 1.0
+    return (0.5 * float(a[r - 1] - a[r]) - float((a - b).abs().max())) / scale
+
+
 class CompreSSMCallback(TrainerCallback):
     """Compress the Mamba mixers of the model being trained, early in training.
 
@@ -76,7 +92,9 @@ class CompreSSMCallback(TrainerCallback):
         eval_batches: cap for the default metric (default 16).
 
     After training, ``reports`` holds one ``CompressionReport`` per attempt that cut (``step`` set),
-    ``jaccard`` the stable schedule's measurements, ``rolled_back`` the steps whose cut was undone.
+    ``jaccard`` and ``weyl`` the stable schedule's measurements between consecutive attempts (the
+    smallest per-layer Jaccard index of the kept sets, and the Weyl margin of the importance
+    spectrum at the cut — see ``_weyl_margin``), ``rolled_back`` the steps whose cut was undone.
     """
 
     def __init__(self, config: CompressConfig, *, metric_fn=None, eval_data=None, eval_batches: int = 16):
@@ -88,6 +106,7 @@ class CompreSSMCallback(TrainerCallback):
         self.eval_batches = eval_batches
         self.reports: list = []
         self.jaccard: list = []  # (step, smallest per-layer Jaccard vs the previous attempt)
+        self.weyl: list = []  # (step, smallest per-layer Weyl margin vs the previous attempt)
         self.rolled_back: list = []
         self.steps: list = []
         self.stopped = False
@@ -131,6 +150,7 @@ class CompreSSMCallback(TrainerCallback):
             if self._previous is not None:
                 score = min(_jaccard(d.kept, p.kept) for d, p in zip(decisions, self._previous))
                 self.jaccard.append((state.global_step, score))
+                self.weyl.append((state.global_step, min(_weyl_margin(d, p) for d, p in zip(decisions, self._previous))))
                 ready = score >= self.config.stable_jaccard
             else:
                 ready = False

@@ -185,6 +185,7 @@ def test_stable_schedule_cuts_once_when_the_kept_set_settles(tmp_path):
     assert len(callback.reports) == 1
     cut_step = callback.reports[0].step
     assert callback.jaccard and callback.jaccard[0][0] == 4
+    assert [s for s, _ in callback.weyl] == [s for s, _ in callback.jaccard]
     # cut at the first attempt whose Jaccard reached the threshold, or at the backstop
     settled = [s for s, j in callback.jaccard if j >= 0.5]
     assert cut_step == (settled[0] if settled else 20)

@@ -312,6 +312,16 @@ def test_non_mamba_model_is_refused():
     assert_untouched(model, snap)
 
 
+def test_falcon_mamba_is_refused_with_the_reason():
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    model = FalconMambaForCausalLM(FalconMambaConfig(hidden_size=32, state_size=8, num_hidden_layers=1, vocab_size=64))
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match="FalconMambaMixer is not supported: it RMS-normalises B and C"):
+        cm.compress_(model, cm.CompressConfig(mode="rank", rank=2), [random_ids()])
+    assert_untouched(model, snap)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
