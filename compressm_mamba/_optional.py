@@ -88,3 +88,23 @@ def mamba_ssm_class(module_name: str, cls_name: str):
         return getattr(importlib.import_module(module_name), cls_name)
     except Exception:
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def triton():
+    """The ``triton`` package, or None.  Without a GPU it only runs under TRITON_INTERPRET=1."""
+    try:
+        return importlib.import_module("triton")
+    except Exception:
+        return None
+
+
+def triton_usable(device) -> bool:
+    """Whether Triton kernels can run on tensors on ``device``: a CUDA device, or the interpreter."""
+    import os
+
+    if triton() is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "") == "1":
+        return True
+    return getattr(device, "type", str(device)) == "cuda"

@@ -2,15 +2,18 @@
 
 A forward pre-hook on each mixer sees its input (and padding mask), recomputes the selective
 system (delta, A, B, C) under no_grad (``MixerAdapter.ssm_inputs``) and adds the batch's token
-sums to a running ``GramianStatistics``.  Memory is O(layers · channels · N²) whatever the number of
-batches.  Single-token decoding steps (generation with a cache) are not collected.
+sums to a running ``GramianStatistics``.  Our drop-in ``CompreSSMMambaMixer`` instead offers a
+``gramian_sink``: its forward hands over the delta, B, C it computed anyway (no recompute).
+Memory is O(layers · channels · N²) whatever the number of batches.  Single-token decoding steps
+(generation with a cache) are not collected.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .reference.gramians import GramianStatistics, gramian_statistics, gramians_from_statistics
+from .ops.gramians import gramian_sums
+from .reference.gramians import GramianStatistics, gramians_from_statistics
 
 __all__ = ["GramianCollector"]
 
@@ -26,9 +29,10 @@ class GramianCollector:
         estimator: ``"mean_lti"`` | ``"frozen"`` | ``"ltv"``.
     """
 
-    def __init__(self, adapters: list, estimator: str = "ltv"):
+    def __init__(self, adapters: list, estimator: str = "ltv", backend: str = "auto"):
         self.adapters = adapters
         self.estimator = estimator
+        self.backend = backend
         self.stats: dict = {}  # layer name -> GramianStatistics
         self.batches = 0
         self._handles = []
@@ -37,9 +41,13 @@ class GramianCollector:
         if self._handles:
             return self
         for adapter in self.adapters:
-            self._handles.append(
-                adapter.module.register_forward_pre_hook(self._make_hook(adapter), with_kwargs=True)
-            )
+            if hasattr(adapter.module, "gramian_sink"):
+                adapter.module.gramian_sink = self._make_sink(adapter)
+                self._handles.append(_SinkHandle(adapter.module))
+            else:
+                self._handles.append(
+                    adapter.module.register_forward_pre_hook(self._make_hook(adapter), with_kwargs=True)
+                )
         return self
 
     def stop(self) -> None:
@@ -72,15 +80,25 @@ class GramianCollector:
 
         return hook
 
+    def _make_sink(self, adapter):
+        def sink(delta, A, B, C, attention_mask):
+            self.add_system(adapter, delta, A, B, C, attention_mask)
+
+        return sink
+
     @torch.no_grad()
     def add(self, adapter, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Add one batch of ``adapter``'s mixer input (batch, L, hidden) to its statistics."""
         delta, A, B, C = adapter.ssm_inputs(hidden_states, attention_mask)
+        self.add_system(adapter, delta, A, B, C, attention_mask)
+
+    @torch.no_grad()
+    def add_system(self, adapter, delta, A, B, C, attention_mask=None) -> None:
+        """Add one batch of a layer's selective system: delta (batch, channels, L) after bias and
+        softplus, A (channels, N), B, C (batch, ngroups, N, L)."""
         mask = None if attention_mask is None else attention_mask.bool()
-        batch_stats = gramian_statistics(delta, A, B, C, estimator=self.estimator, mask=mask)
-        batch_stats = GramianStatistics(
-            batch_stats.estimator, batch_stats.count, {k: v.double() for k, v in batch_stats.sums.items()}
-        )
+        sums = gramian_sums(delta, A, B, C, estimator=self.estimator, mask=mask, backend=self.backend)
+        batch_stats = GramianStatistics(sums.estimator, sums.count, {k: v.double() for k, v in sums.sums.items()})
         previous = self.stats.get(adapter.name)
         self.stats[adapter.name] = batch_stats if previous is None else previous + batch_stats
         if adapter is self.adapters[0]:
@@ -95,6 +113,16 @@ class GramianCollector:
                 "or did not run through the model"
             )
         return {name: gramians_from_statistics(s) for name, s in self.stats.items()}
+
+
+class _SinkHandle:
+    """Removes a collector's sink from a drop-in mixer (the counterpart of a hook handle)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def remove(self):
+        self.module.gramian_sink = None
 
 
 def _is_decoding(kwargs) -> bool:

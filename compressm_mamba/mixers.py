@@ -321,7 +321,11 @@ def _adapter_factories():
     pairs = []
     hf = _optional.hf_mixer_classes()
     if "MambaMixer" in hf:
-        pairs.append((hf["MambaMixer"], lambda n, m: Mamba1Adapter(n, m, "ssm_state_size", "time_step_rank")))
+        from .mamba_mixer import mixer_class as drop_in_class
+
+        hf_mamba1 = lambda n, m: Mamba1Adapter(n, m, "ssm_state_size", "time_step_rank")  # noqa: E731
+        pairs.append((hf["MambaMixer"], hf_mamba1))
+        pairs.append((drop_in_class(), hf_mamba1))
     if "Mamba2Mixer" in hf:
         pairs.append((hf["Mamba2Mixer"], Mamba2Adapter))
     if "Mamba2Mixer" in hf:

@@ -6,6 +6,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Triton kernels run in Triton's interpreter where there is no GPU.  It must be switched on before
+# any @triton.jit function is defined, i.e. before a test imports compressm_mamba.kernels.*.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 # Make tests/helpers.py importable as `helpers` under --import-mode=importlib (which does not put
 # the tests folder on sys.path); the repository root stays off sys.path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +30,8 @@ def pytest_collection_modifyitems(config, items):
     from compressm_mamba import _optional
 
     reasons = {}
+    if _optional.triton() is None:
+        reasons["requires_triton"] = "triton is not importable here"
     if not torch.cuda.is_available():
         reasons["requires_cuda"] = "needs a CUDA device"
     if _optional.mamba_ssm() is None:

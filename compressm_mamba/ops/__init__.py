@@ -1,0 +1,6 @@
+"""Public functional ops: validation, dtype policy, backend dispatch (reference | torch | triton | cuda)."""
+
+from .gramians import gramian_sums, gramians
+from .selective_scan import BACKENDS, resolve_backend, selective_scan
+
+__all__ = ["selective_scan", "gramians", "gramian_sums", "BACKENDS", "resolve_backend"]

@@ -1,0 +1,173 @@
+"""``ops.selective_scan``: the public selective scan — validation, dtype policy, backend choice.
+
+Backends (a visible argument, HOUSE_STYLE rule 3):
+    ``reference`` — the float64-capable specification (a Python loop over time; slow, exact).
+    ``torch``     — chunked and vectorised plain PyTorch (any device; gradients through autograd).
+    ``triton``    — compressm_mamba.kernels.selective_scan, forward and backward kernels, any N up to 256.
+    ``cuda``      — the compiled extension compressm_mamba._C (not built yet: see the CUDA issue).
+    ``auto``      — the fastest available for the inputs' device: cuda > triton on a GPU, torch on a CPU.
+An explicitly requested backend that is missing raises an error that says how to get it.
+
+``last_call`` records, per process, the backend and state size N of the latest call — how a test
+(or a curious user) sees which kernel specialisation a mixer ran after a cut.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _optional
+from ..reference import selective_scan as _reference_scan
+from ..torch_backend.selective_scan import selective_scan_chunked
+
+__all__ = ["selective_scan", "BACKENDS", "resolve_backend", "last_call"]
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+MAX_TRITON_STATE = 256
+
+last_call: dict = {}
+
+
+def _cuda_extension():
+    try:
+        from .. import _C  # noqa: F401
+    except ImportError:
+        return None
+    return _C
+
+
+def resolve_backend(backend: str, device: torch.device, N: int, op: str = "selective_scan") -> str:
+    """The concrete backend for ``backend`` on ``device``; raises if an explicit one is unavailable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _cuda_extension() is not None and hasattr(_cuda_extension(), op):
+            return "cuda"
+        if device.type == "cuda" and _optional.triton_usable(device) and N <= MAX_TRITON_STATE:
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        if _optional.triton() is None:
+            raise RuntimeError("backend='triton' needs triton: pip install triton (it comes with CUDA builds of torch)")
+        if not _optional.triton_usable(device):
+            raise RuntimeError(
+                f"backend='triton' cannot run on {device}: it needs a CUDA device, or TRITON_INTERPRET=1 set "
+                "before compressm_mamba.kernels is imported (slow; for tests)"
+            )
+        if N > MAX_TRITON_STATE:
+            raise ValueError(f"backend='triton' supports state sizes up to {MAX_TRITON_STATE}, got N={N}")
+    if backend == "cuda" and (_cuda_extension() is None or not hasattr(_cuda_extension(), op)):
+        raise RuntimeError(
+            "backend='cuda' needs the compiled extension compressm_mamba._C with this op; build it on a machine "
+            "with a CUDA torch and nvcc: COMPRESSM_MAMBA_FORCE_CUDA_BUILD=1 pip install --no-build-isolation -e ."
+        )
+    return backend
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias):
+    """Shape, dtype and device checks that name the argument."""
+    if not torch.is_tensor(u) or u.dim() != 3:
+        raise ValueError(f"u must be a (batch, dim, L) tensor, got {getattr(u, 'shape', type(u))}")
+    batch, dim, L = u.shape
+    if not u.is_floating_point():
+        raise TypeError(f"u must be a floating-point tensor, got {u.dtype}")
+    named = {"delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != u.device:
+            raise ValueError(f"{name} is on {t.device} but u is on {u.device}: all inputs must share a device")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (dim={dim}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() not in (3, 4) or t.shape[0] != batch or t.shape[-2:] != (N, L):
+            raise ValueError(f"{name} must be (batch={batch}, N={N}, L={L}) or (batch, ngroups, N, L), got {tuple(t.shape)}")
+        if t.dim() == 4 and dim % t.shape[1] != 0:
+            raise ValueError(f"{name}: dim={dim} is not a multiple of ngroups={t.shape[1]}")
+    if D is not None and D.shape != (dim,):
+        raise ValueError(f"D must be (dim={dim},), got {tuple(D.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if delta_bias is not None and delta_bias.shape != (dim,):
+        raise ValueError(f"delta_bias must be (dim={dim},), got {tuple(delta_bias.shape)}")
+    return N
+
+
+class _TritonSelectiveScan(torch.autograd.Function):
+    """Triton forward and backward kernels; the state is recomputed chunk by chunk in the backward."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size):
+        from ..kernels.selective_scan import selective_scan_fwd
+
+        out, last_state, checkpoints = selective_scan_fwd(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size=chunk_size
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
+        ctx.delta_softplus, ctx.chunk_size = delta_softplus, chunk_size
+        ctx.mark_non_differentiable(last_state)
+        return out, last_state
+
+    @staticmethod
+    def backward(ctx, dout, _dlast):
+        from ..kernels.selective_scan import selective_scan_bwd
+
+        u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+        grads = selective_scan_bwd(
+            dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, checkpoints,
+            chunk_size=ctx.chunk_size,
+        )
+        return (*grads, None, None)
+
+
+def _triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Contiguous, kernel-ready inputs: B/C as (batch, G, N, L), fp32 A/D/bias."""
+    B4 = B if B.dim() == 4 else B.unsqueeze(1)
+    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    as32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    out, last = _TritonSelectiveScan.apply(
+        u.contiguous(), delta.to(u.dtype).contiguous(), A.float().contiguous(), B4.contiguous(), C4.contiguous(),
+        as32(D), None if z is None else z.to(u.dtype).contiguous(), as32(delta_bias), delta_softplus, 64,
+    )
+    return out, last
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    backend: str = "auto",
+):
+    """Mamba1 selective scan with mamba_ssm ``selective_scan_fn``'s signature and layouts.
+
+    u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or (batch, ngroups, N, L);
+    D, delta_bias: (dim,).  Returns out (batch, dim, L) in u's dtype [and the last state
+    (batch, dim, N) in float32, not differentiable].  Differentiable in u, delta, A, B, C, D, z and
+    delta_bias on every backend.  ``backend``: see the module docstring.
+    """
+    N = _check(u, delta, A, B, C, D, z, delta_bias)
+    chosen = resolve_backend(backend, u.device, N)
+    last_call.update(backend=chosen, state_size=N, seqlen=u.shape[-1])
+    if chosen == "reference":
+        return _reference_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if chosen == "torch":
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if chosen == "triton":
+        out, last = _triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return (out, last) if return_last_state else out
+    raise RuntimeError("backend='cuda' selective scan is not available yet")  # resolve_backend refuses it first

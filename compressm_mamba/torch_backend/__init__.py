@@ -1,0 +1,1 @@
+"""Plain-PyTorch fast paths (vectorised over time) used by ``compressm_mamba.ops`` on any device."""

@@ -1,0 +1,184 @@
+"""Triton selective scan (compressm_mamba.kernels.selective_scan) against the float64 reference.
+
+Forward (out, last state, chunk checkpoints) and backward (every gradient) on the same rounded
+inputs the kernel saw, cast up to float64.  Without a GPU the kernels run in Triton's interpreter
+(tests/conftest.py switches it on), so the CPU shapes are tiny; the CUDA-only tests use bigger ones.
+Every launch passes poison=True: the launchers fill each output with NaN first, and assert_close
+rejects non-finite values, so an element a kernel never writes fails the test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, random_scan_inputs
+
+from compressm_mamba.reference import selective_scan
+
+pytestmark = pytest.mark.requires_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (rtol, atol) by the dtype of the tensor compared.  The kernel computes in fp32 from exactly the
+# inputs the reference sees, so the error is fp32 accumulation plus the final rounding to the
+# output's dtype: fp16 keeps 11 significant bits (~5e-4 relative), bf16 8 (~4e-3).
+TOL = {
+    torch.float32: (2e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (8e-3, 8e-3),
+}
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _kernels():
+    from compressm_mamba.kernels import selective_scan as kernels
+
+    return kernels
+
+
+def _make_inputs(batch, dim, N, L, ngroups, dtype, bc_fp32, with_D, with_z, with_bias, softplus, seed):
+    """Kernel inputs on DEVICE: u / delta / z in ``dtype``, B / C in ``dtype`` or fp32, A / D / bias fp32."""
+    x = random_scan_inputs(batch, dim, N, L, ngroups=ngroups, seed=seed, with_D=with_D, with_z=with_z,
+                           with_bias=with_bias)
+    if not softplus:
+        # Without softplus the step size is used as is; keep it positive (a real discretisation).
+        x["delta"] = F.softplus(x["delta"])
+        if with_bias:
+            x["delta_bias"] = x["delta_bias"].abs()
+    dtypes = dict(u=dtype, delta=dtype, z=dtype, A=torch.float32, D=torch.float32, delta_bias=torch.float32,
+                  B=torch.float32 if bc_fp32 else dtype, C=torch.float32 if bc_fp32 else dtype)
+    return {k: None if v is None else v.to(device=DEVICE, dtype=dtypes[k]).contiguous() for k, v in x.items()}
+
+
+def _reference(inputs, dout, softplus):
+    """float64 reference on the kernel's (rounded) inputs: out, last state and autograd gradients."""
+    x64 = {k: None if v is None else v.detach().cpu().double().requires_grad_() for k, v in inputs.items()}
+    out, last = selective_scan(**x64, delta_softplus=softplus, return_last_state=True)
+    (out * dout.cpu().double()).sum().backward()
+    grads = {k: None if v is None else v.grad for k, v in x64.items()}
+    return out.detach(), last.detach(), grads
+
+
+def _reference_checkpoints(inputs, softplus, chunk_size):
+    """The state before each chunk's first step: the reference's last state on the prefix before it."""
+    batch, dim, L = inputs["u"].shape
+    N = inputs["A"].shape[1]
+    x64 = {k: None if v is None else v.detach().cpu().double() for k, v in inputs.items()}
+    ckpts = []
+    for c in range(math.ceil(L / chunk_size)):
+        t0 = c * chunk_size
+        if t0 == 0:
+            ckpts.append(torch.zeros(batch, dim, N, dtype=torch.float64))
+            continue
+        prefix = {k: v if v is None or k in ("A", "D", "delta_bias") else v[..., :t0] for k, v in x64.items()}
+        ckpts.append(selective_scan(**prefix, delta_softplus=softplus, return_last_state=True)[1])
+    return torch.stack(ckpts, dim=2) if ckpts else torch.zeros(batch, dim, 0, N, dtype=torch.float64)
+
+
+def _check(tensor, expected, name):
+    # atol is relative to the tensor's largest magnitude (at least 1): a summed gradient's rounding
+    # error scales with its terms, so an entry near zero from cancellation cannot meet rtol alone.
+    rtol, atol = TOL[tensor.dtype]
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    assert_close(tensor.cpu(), expected, rtol=rtol, atol=atol * scale, name=name)
+
+
+def _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, *, with_D=True, with_z=True, with_bias=True,
+                     softplus=True, bc_fp32=False, block_d=None, seed=0):
+    kernels = _kernels()
+    inputs = _make_inputs(batch, dim, N, L, ngroups, dtype, bc_fp32, with_D, with_z, with_bias, softplus, seed)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+
+    out, last_state, ckpts = kernels.selective_scan_fwd(*args, softplus, chunk_size, block_d=block_d, poison=True)
+    assert out.dtype == dtype and last_state.dtype == torch.float32 and ckpts.dtype == torch.float32
+    assert ckpts.shape == (batch, dim, math.ceil(L / chunk_size), N)
+
+    dout = torch.randn(batch, dim, L, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    ref_out, ref_last, ref_grads = _reference(inputs, dout, softplus)
+    _check(out, ref_out, "out")
+    _check(last_state, ref_last, "last_state")
+    _check(ckpts, _reference_checkpoints(inputs, softplus, chunk_size), "checkpoints")
+
+    grads = kernels.selective_scan_bwd(dout, *args, softplus, ckpts, chunk_size, block_d=block_d, poison=True)
+    for name, grad in zip(GRAD_NAMES, grads):
+        if inputs[name] is None:
+            assert grad is None, f"d{name} should be None when {name} is None"
+            continue
+        assert grad.shape == inputs[name].shape, f"d{name} shape {tuple(grad.shape)}"
+        assert grad.dtype == inputs[name].dtype, f"d{name} dtype {grad.dtype} != {inputs[name].dtype}"
+        _check(grad, ref_grads[name], f"d{name}")
+
+
+# (batch, dim, N, L, ngroups, chunk_size, options).  dim is never a multiple of the channel block
+# (the default block is the next power of two of dim // ngroups, block_d=4 forces several blocks per
+# group with a ragged last one); chunk sizes 4 and 8 put chunk boundaries inside L = 7 and 63, and
+# 64 > L gives a single partial chunk.
+CPU_CASES = [
+    pytest.param(2, 5, 1, 1, 1, 64, {}, id="L1-N1"),
+    pytest.param(2, 5, 12, 7, 1, 4, dict(with_z=False), id="L7-N12-chunk4-noz"),
+    pytest.param(1, 10, 13, 7, 2, 4, dict(with_D=False, with_bias=False, softplus=False, block_d=4),
+                 id="L7-N13-G2-nosoftplus-blocks"),
+    pytest.param(1, 9, 16, 63, 1, 8, dict(block_d=4), id="L63-N16-chunk8-blocks"),
+    pytest.param(1, 6, 64, 63, 2, 8, dict(with_bias=False), id="L63-N64-G2"),
+    pytest.param(1, 3, 256, 7, 1, 4, dict(softplus=False), id="L7-N256-nosoftplus"),
+]
+
+FP16_CASES = [
+    pytest.param(2, 5, 16, 63, 1, 8, {}, id="L63-N16-chunk8"),
+    pytest.param(2, 10, 13, 7, 2, 4, dict(with_z=False, softplus=False, bc_fp32=True, block_d=4),
+                 id="L7-N13-G2-BCfp32-blocks"),
+    pytest.param(1, 9, 12, 1, 1, 64, dict(with_D=False, with_z=False, with_bias=False), id="L1-N12-bare"),
+]
+
+
+@pytest.mark.parametrize("batch, dim, N, L, ngroups, chunk_size, opts", CPU_CASES)
+def test_fp32_matches_reference(batch, dim, N, L, ngroups, chunk_size, opts):
+    _run_and_compare(batch, dim, N, L, ngroups, chunk_size, torch.float32, **opts)
+
+
+@pytest.mark.parametrize("batch, dim, N, L, ngroups, chunk_size, opts", FP16_CASES)
+def test_fp16_matches_reference(batch, dim, N, L, ngroups, chunk_size, opts):
+    _run_and_compare(batch, dim, N, L, ngroups, chunk_size, torch.float16, **opts)
+
+
+def test_empty_sequence():
+    """L = 0: no chunk, a zero last state, zero parameter gradients, empty per-step tensors."""
+    kernels = _kernels()
+    inputs = _make_inputs(2, 5, 12, 0, 1, torch.float32, False, True, True, True, True, seed=0)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    out, last_state, ckpts = kernels.selective_scan_fwd(*args, True, 8, poison=True)
+    assert out.shape == (2, 5, 0) and ckpts.shape == (2, 5, 0, 12)
+    assert torch.equal(last_state.cpu(), torch.zeros(2, 5, 12))
+    dout = torch.zeros(2, 5, 0, device=DEVICE)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = kernels.selective_scan_bwd(dout, *args, True, ckpts, 8, poison=True)
+    assert du.shape == ddelta.shape == dz.shape == (2, 5, 0) and dB.shape == dC.shape == (2, 1, 12, 0)
+    for name, t in (("dA", dA), ("dD", dD), ("ddelta_bias", dbias)):
+        assert torch.equal(t.cpu(), torch.zeros_like(t.cpu())), name
+
+
+def test_poison_fills_outputs_with_nan(monkeypatch):
+    """The poison switch the tests rely on really pre-fills buffers with NaN (flag and env var)."""
+    kernels = _kernels()
+    assert torch.isnan(kernels._empty((3, 4), torch.float16, "cpu", poison=True)).all()
+    monkeypatch.setenv("COMPRESSM_MAMBA_POISON", "1")
+    assert kernels._want_poison(None) and not kernels._want_poison(False)
+    monkeypatch.delenv("COMPRESSM_MAMBA_POISON")
+    assert not kernels._want_poison(None)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "batch, dim, N, L, ngroups, chunk_size, opts",
+    [
+        pytest.param(2, 100, 16, 300, 2, 64, {}, id="L300-N16-G2"),
+        pytest.param(1, 37, 200, 129, 1, 32, dict(with_z=False, softplus=False), id="L129-N200"),
+        pytest.param(2, 24, 13, 63, 4, 8, dict(bc_fp32=True, with_D=False), id="L63-N13-G4-BCfp32"),
+    ],
+)
+def test_cuda_matches_reference(batch, dim, N, L, ngroups, chunk_size, opts, dtype):
+    _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, **opts)
