@@ -52,3 +52,22 @@ def test_bad_inputs(kwargs, err, match):
         ops.gramians(delta, A, B, C, **kwargs)
     with pytest.raises(ValueError, match="A must be"):
         ops.gramians(delta, A[:2], B, C)
+
+
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("estimator", ["frozen", "ltv"])
+@pytest.mark.parametrize("constant_rows", [False, True])
+def test_triton_backend_through_ops(estimator, constant_rows):
+    """ops picks the weighted-Gram kernel by itself when A's rows are constant (Mamba2 heads)."""
+    delta, A, B, C, bias = random_gramian_inputs(batch=2, dim=3, N=5, L=7, ngroups=None, seed=4)
+    if constant_rows:
+        A = A[:, :1].expand(3, 5).contiguous()
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :2] = False
+    kw = dict(estimator=estimator, delta_bias=bias, delta_softplus=True, mask=mask)
+    ref = gramian_statistics(delta, A, B, C, **kw)
+    got = ops.gramian_sums(delta.float(), A.float(), B.float(), C.float(), backend="triton",
+                           **{**kw, "delta_bias": bias.float()})
+    assert got.count == ref.count
+    for k in ("P", "Q"):
+        assert_close(got.sums[k], ref.sums[k], rtol=1e-4, atol=1e-5, name=k)
