@@ -9,41 +9,13 @@ cheap token means and always runs in torch.
 
 from __future__ import annotations
 
-import torch
 
+from ..checks import check_gramian_inputs
 from ..reference.gramians import ESTIMATORS, GramianStatistics, gramian_statistics, gramians_from_statistics
 from ..torch_backend.gramians import gramian_sums_chunked
 from .selective_scan import resolve_backend
 
 __all__ = ["gramian_sums", "gramians"]
-
-
-def _check(delta, A, B, C, delta_bias, mask, estimator):
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if not torch.is_tensor(delta) or delta.dim() != 3:
-        raise ValueError(f"delta must be a (batch, dim, L) tensor, got {getattr(delta, 'shape', type(delta))}")
-    batch, dim, L = delta.shape
-    for name, t in (("A", A), ("B", B), ("C", C), ("delta_bias", delta_bias)):
-        if t is None:
-            continue
-        if t.device != delta.device:
-            raise ValueError(f"{name} is on {t.device} but delta is on {delta.device}: all inputs must share a device")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"A must be (dim={dim}, N), got {tuple(A.shape)}")
-    N = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if t.dim() not in (3, 4) or t.shape[0] != batch or t.shape[-2:] != (N, L):
-            raise ValueError(f"{name} must be (batch={batch}, N={N}, L={L}) or (batch, ngroups, N, L), got {tuple(t.shape)}")
-        if t.dim() == 4 and dim % t.shape[1] != 0:
-            raise ValueError(f"{name}: dim={dim} is not a multiple of ngroups={t.shape[1]}")
-    if delta_bias is not None and delta_bias.shape != (dim,):
-        raise ValueError(f"delta_bias must be (dim={dim},), got {tuple(delta_bias.shape)}")
-    if mask is not None and (mask.shape != (batch, L) or mask.device != delta.device):
-        raise ValueError(f"mask must be a (batch={batch}, L={L}) tensor on {delta.device}, got {tuple(mask.shape)}")
-    return N
 
 
 def gramian_sums(
@@ -56,7 +28,9 @@ def gramian_sums(
     (dim,); mask: (batch, L), padding tokens False.  Sums are (dim, N, N) float32 (float64 for float64
     inputs on the reference/torch backends); they add across batches.
     """
-    N = _check(delta, A, B, C, delta_bias, mask, estimator)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    N = check_gramian_inputs(delta, A, B, C, delta_bias, mask)
     kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, mask=mask)
     if estimator == "mean_lti":
         return gramian_statistics(delta, A, B, C, estimator=estimator, **kw)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import _optional
+from ..checks import check_scan_inputs
 from ..reference import selective_scan as _reference_scan
 from ..torch_backend.selective_scan import selective_scan_chunked
 
@@ -62,42 +63,6 @@ def resolve_backend(backend: str, device: torch.device, N: int, op: str = "selec
             "with a CUDA torch and nvcc: COMPRESSM_MAMBA_FORCE_CUDA_BUILD=1 pip install --no-build-isolation -e ."
         )
     return backend
-
-
-def _check(u, delta, A, B, C, D, z, delta_bias):
-    """Shape, dtype and device checks that name the argument."""
-    if not torch.is_tensor(u) or u.dim() != 3:
-        raise ValueError(f"u must be a (batch, dim, L) tensor, got {getattr(u, 'shape', type(u))}")
-    batch, dim, L = u.shape
-    if not u.is_floating_point():
-        raise TypeError(f"u must be a floating-point tensor, got {u.dtype}")
-    named = {"delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not torch.is_tensor(t):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.device != u.device:
-            raise ValueError(f"{name} is on {t.device} but u is on {u.device}: all inputs must share a device")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if delta.shape != u.shape:
-        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"A must be (dim={dim}, N), got {tuple(A.shape)}")
-    N = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if t.dim() not in (3, 4) or t.shape[0] != batch or t.shape[-2:] != (N, L):
-            raise ValueError(f"{name} must be (batch={batch}, N={N}, L={L}) or (batch, ngroups, N, L), got {tuple(t.shape)}")
-        if t.dim() == 4 and dim % t.shape[1] != 0:
-            raise ValueError(f"{name}: dim={dim} is not a multiple of ngroups={t.shape[1]}")
-    if D is not None and D.shape != (dim,):
-        raise ValueError(f"D must be (dim={dim},), got {tuple(D.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
-    if delta_bias is not None and delta_bias.shape != (dim,):
-        raise ValueError(f"delta_bias must be (dim={dim},), got {tuple(delta_bias.shape)}")
-    return N
 
 
 class _TritonSelectiveScan(torch.autograd.Function):
@@ -160,7 +125,7 @@ def selective_scan(
     (batch, dim, N) in float32, not differentiable].  Differentiable in u, delta, A, B, C, D, z and
     delta_bias on every backend.  ``backend``: see the module docstring.
     """
-    N = _check(u, delta, A, B, C, D, z, delta_bias)
+    N = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     chosen = resolve_backend(backend, u.device, N)
     last_call.update(backend=chosen, state_size=N, seqlen=u.shape[-1])
     if chosen == "reference":

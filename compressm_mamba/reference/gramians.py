@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import check_gramian_inputs
 from .selective_scan import _compute_dtype, discretize_delta, expand_groups
 
 __all__ = [
@@ -83,20 +84,9 @@ def token_system(
         a, e, b, c, each (batch, dim, N, L): a = exp(dt A), e = −expm1(dt A) = 1 − a,
         b = dt B, c = C (groups expanded to channels).
     """
-    if delta.dim() != 3:
-        raise ValueError(f"delta must be (batch, dim, L), got shape {tuple(delta.shape)}")
+    check_gramian_inputs(delta, A, B, C, delta_bias)
     batch, dim, L = delta.shape
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"A must be (dim={dim}, N), got shape {tuple(A.shape)}")
     N = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if t.dim() not in (3, 4) or t.shape[0] != batch or t.shape[-2] != N or t.shape[-1] != L:
-            raise ValueError(
-                f"{name} must be (batch={batch}, N={N}, L={L}) or (batch, ngroups, N, L), "
-                f"got shape {tuple(t.shape)}"
-            )
-    if delta_bias is not None and delta_bias.shape != (dim,):
-        raise ValueError(f"delta_bias must be (dim={dim},), got shape {tuple(delta_bias.shape)}")
     cdt = dtype or _compute_dtype(delta.dtype)
     dt = discretize_delta(
         delta.to(cdt), None if delta_bias is None else delta_bias.to(cdt), delta_softplus

@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan", "selective_scan_mamba2", "expand_groups", "discretize_delta"]
+from ..checks import check_scan_inputs
+
+__all__ = ["selective_scan", "selective_scan_mamba2", "expand_groups", "discretize_delta", "skip_and_gate"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,29 +59,6 @@ def expand_groups(BC: torch.Tensor, dim: int) -> torch.Tensor:
     return BC.repeat_interleave(dim // ngroups, dim=1)
 
 
-def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias):
-    if u.dim() != 3:
-        raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}")
-    batch, dim, L = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"A must be (dim={dim}, N), got shape {tuple(A.shape)}")
-    N = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if t.dim() not in (3, 4) or t.shape[0] != batch or t.shape[-2] != N or t.shape[-1] != L:
-            raise ValueError(
-                f"{name} must be (batch={batch}, N={N}, L={L}) or (batch, ngroups, N, L), "
-                f"got shape {tuple(t.shape)}"
-            )
-    if D is not None and D.shape != (dim,):
-        raise ValueError(f"D must be (dim={dim},), got shape {tuple(D.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
-    if delta_bias is not None and delta_bias.shape != (dim,):
-        raise ValueError(f"delta_bias must be (dim={dim},), got shape {tuple(delta_bias.shape)}")
-
-
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -109,7 +88,7 @@ def selective_scan(
         out (batch, dim, L) in u's dtype, and the last state (batch, dim, N) in the compute dtype
         when ``return_last_state``.
     """
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
     cdt = _compute_dtype(dtype_in)
     batch, dim, L = u.shape
@@ -128,11 +107,14 @@ def selective_scan(
         ys.append((h * C_c[..., t]).sum(-1))
     y = torch.stack(ys, dim=-1) if L > 0 else u_c.new_zeros(batch, dim, 0)
 
-    out = y if D is None else y + u_c * D.to(cdt)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(cdt))
-    out = out.to(dtype_in)
+    out = skip_and_gate(y, u_c, D, z).to(dtype_in)
     return (out, h) if return_last_state else out
+
+
+def skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    """y + D u, then times silu(z): the scan's output stage, in y's dtype.  y, u, z: (batch, dim, L)."""
+    out = y if D is None else y + u * D.to(y.dtype)[:, None]
+    return out if z is None else out * F.silu(z.to(y.dtype))
 
 
 def selective_scan_mamba2(

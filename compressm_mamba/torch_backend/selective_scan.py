@@ -1,14 +1,17 @@
-r"""The ``torch`` backend of the selective scan: chunked and vectorised, for CPUs (and a fallback everywhere).
+r"""The ``torch`` backend of the selective scan: vectorised over time, for CPUs (and a fallback everywhere).
 
-No Python loop over time steps: the sequence is cut into chunks of T tokens; inside a chunk every
-state is a weighted sum of the chunk's inputs, with weights from cumulative log-decays,
+The recurrence h_t = a_t h_{t−1} + x_t (a_t = exp(dt_t A), x_t = dt_t B_t u_t) is solved by recursive
+doubling: after step k every position holds the sum over the 2^k tokens before it, so log2(L) steps
+of whole-tensor operations replace the Python loop over L time steps, with no exponentials of
+differences that could overflow (products of decays only shrink).
 
-    h_t = exp(S_t) h_start + Σ_{s≤t} exp(S_t − S_s) x_s,    S_t = Σ_{k≤t, k in chunk} dt_k A,   x_s = dt_s B_s u_s,
+Forward and backward are one ``torch.autograd.Function``: the forward keeps only the states h
+(batch, dim, N, L); the backward runs the same doubling backwards in time for g_t = ∂loss/∂h_t,
+g_t = a_{t+1} g_{t+1} + C_t ∂loss/∂y_t, and forms every gradient elementwise from h_{t−1} and g_t.
+Memory is a few (batch, dim, N, L) tensors; work is O(batch · dim · N · L · log L).
 
-computed as one batched (T × T) product per chunk (exp(S_t − S_s) ≤ 1 for s ≤ t: no overflow,
-unlike the exp(S_t)·cumsum(exp(−S_s) x_s) shortcut).  Only the chunk-to-chunk carry h_start is a
-(short) loop, over L / T chunks.  Work is T times the sequential scan's, in large vectorised
-operations; memory is O(batch · dim · N · L · T).  Gradients come from autograd through these ops.
+Channels are laid out as (ngroups, dim // ngroups) so that B and C broadcast over a group's
+channels without being copied per channel.
 """
 
 from __future__ import annotations
@@ -16,11 +19,57 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..reference.selective_scan import _compute_dtype, discretize_delta
+from ..reference.selective_scan import _compute_dtype, skip_and_gate
 
-__all__ = ["selective_scan_chunked", "DEFAULT_CHUNK"]
+__all__ = ["selective_scan_chunked", "linear_scan"]
 
-DEFAULT_CHUNK = 16
+
+def linear_scan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t h_{t−1} + x_t along the last axis (h_{−1} = 0), by recursive doubling.
+
+    a, x: (..., L) of one dtype.  Returns h (..., L).  log2(L) steps, each a few whole-tensor ops.
+    """
+    L = x.shape[-1]
+    h = x.clone()
+    decay = a.clone()
+    k = 1
+    while k < L:
+        # The right-hand sides are evaluated into fresh tensors before the slices are written, so the
+        # overlap of h[..., k:] and h[..., :-k] is harmless.
+        h[..., k:] = h[..., k:] + decay[..., k:] * h[..., :-k]
+        if 2 * k < L:
+            decay[..., k:] = decay[..., k:] * decay[..., :-k]
+        k *= 2
+    return h
+
+
+class _DoublingScan(torch.autograd.Function):
+    """The scan core on grouped layouts; see the module docstring for the gradient formulas."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C):
+        # u, dt: (batch, G, dpg, 1, L); A: (1, G, dpg, N, 1); B, C: (batch, G, 1, N, L)
+        a = torch.exp(dt * A)
+        h = linear_scan(a, dt * u * B)  # (batch, G, dpg, N, L)
+        y = (h * C).sum(3, keepdim=True)  # (batch, G, dpg, 1, L)
+        ctx.save_for_backward(u, dt, A, B, C, h)
+        return y, h[..., -1]
+
+    @staticmethod
+    def backward(ctx, dy, _dlast):
+        u, dt, A, B, C, h = ctx.saved_tensors
+        a = torch.exp(dt * A)
+        # g_t = a_{t+1} g_{t+1} + C_t dy_t, i.e. the forward recurrence on time-reversed, shifted decays.
+        a_next = F.pad(a[..., 1:], (0, 1))
+        g = linear_scan(a_next.flip(-1), (C * dy).flip(-1)).flip(-1)  # (batch, G, dpg, N, L)
+        h_prev = F.pad(h[..., :-1], (1, 0))
+        da = g * h_prev  # ∂loss/∂a_t
+        du = (g * dt * B).sum(3, keepdim=True)
+        ddt = (g * u * B + da * a * A).sum(3, keepdim=True)
+        dA = (da * a * dt).sum((0, 4), keepdim=True)
+        dB = (g * dt * u).sum(2, keepdim=True)
+        dC = (h * dy).sum(2, keepdim=True)
+        return du, ddt, dA, dB, dC
 
 
 def selective_scan_chunked(
@@ -34,59 +83,30 @@ def selective_scan_chunked(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
 ):
     """Selective scan with ``selective_scan_fn``'s layouts (see ``reference.selective_scan``).
 
     u, delta: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or (batch, ngroups, N, L); D: (dim,);
     z: (batch, dim, L); delta_bias: (dim,).  Computes in float32 (float64 for float64 inputs); returns
-    out (batch, dim, L) in u's dtype [and the last state (batch, dim, N)].  Inputs are assumed valid
-    (``ops.selective_scan`` checks them).
+    out (batch, dim, L) in u's dtype [and the last state (batch, dim, N)].  Differentiable in every
+    tensor input.  Inputs are assumed valid (``ops.selective_scan`` checks them).
     """
     batch, dim, L = u.shape
     N = A.shape[1]
     cdt = _compute_dtype(u.dtype)
     G = 1 if B.dim() == 3 else B.shape[1]
-    dt = discretize_delta(delta.to(cdt), None if delta_bias is None else delta_bias.to(cdt), delta_softplus)
-
-    T = max(1, min(chunk_size, L))
-    nc = -(-L // T)
-    pad = nc * T - L
-    # Channels are laid out as (G, dim // G) so that B and C broadcast over a group's channels
-    # without being copied per channel.
-    def chunks(x):  # (..., L) -> (..., nc, T), zero-padded
-        return F.pad(x, (0, pad)).unflatten(-1, (nc, T))
-
-    dt_c = chunks(dt).view(batch, G, dim // G, 1, nc, T)
-    u_c = chunks(u.to(cdt)).view(batch, G, dim // G, 1, nc, T)
-    B_c = chunks(B.to(cdt).view(batch, G, 1, N, L))  # (batch, G, 1, N, nc, T)
-    C_c = chunks(C.to(cdt).view(batch, G, 1, N, L))
-    A_c = A.to(cdt).view(1, G, dim // G, N, 1, 1)
-
-    log_decay = torch.cumsum(dt_c * A_c, dim=-1)  # S_t inside each chunk: (batch, G, dpg, N, nc, T)
-    x = (dt_c * u_c) * B_c  # (batch, G, dpg, N, nc, T)
-    # weights[t, s] = exp(S_t − S_s) for s <= t; -inf above the diagonal gives exactly 0.
-    causal = torch.ones(T, T, dtype=torch.bool, device=u.device).tril()
-    gap = log_decay.unsqueeze(-1) - log_decay.unsqueeze(-2)
-    weights = torch.exp(gap.masked_fill(~causal, float("-inf")))
-    h_local = torch.einsum("...ts,...s->...t", weights, x)  # states from this chunk's inputs only
-
-    # Carry the state across chunks: h_start[c] = exp(S_end[c−1]) h_start[c−1] + h_local_end[c−1].
-    chunk_decay = torch.exp(log_decay[..., -1])  # (batch, G, dpg, N, nc)
-    starts = [torch.zeros_like(chunk_decay[..., 0])]
-    for c in range(nc - 1):
-        starts.append(chunk_decay[..., c] * starts[-1] + h_local[..., c, -1])
-    h_start = torch.stack(starts, dim=-1)  # (batch, G, dpg, N, nc)
-    h = h_local + torch.exp(log_decay) * h_start.unsqueeze(-1)
-
-    y = (h * C_c).sum(3).flatten(-2)[..., :L].reshape(batch, dim, L)
-    out = y if D is None else y + u.to(cdt) * D.to(cdt)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(cdt))
-    out = out.to(u.dtype)
-    if not return_last_state:
-        return out
-    # The last real token sits at position (L - 1) % T of the last chunk; padding after it has x = 0
-    # and decay 1, so the padded end state equals the true last state.
-    last = chunk_decay[..., -1] * h_start[..., -1] + h_local[..., -1, -1]
-    return out, last.reshape(batch, dim, N)
+    dt = delta.to(cdt)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(cdt)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    grouped = (batch, G, dim // G, 1, L)
+    y, last = _DoublingScan.apply(
+        u.to(cdt).reshape(grouped),
+        dt.reshape(grouped),
+        A.to(cdt).reshape(1, G, dim // G, N, 1),
+        B.to(cdt).reshape(batch, G, 1, N, L),
+        C.to(cdt).reshape(batch, G, 1, N, L),
+    )
+    out = skip_and_gate(y.reshape(batch, dim, L), u.to(cdt), D, z).to(u.dtype)
+    return (out, last.reshape(batch, dim, N).detach()) if return_last_state else out
