@@ -11,6 +11,8 @@ and it never initialises CUDA.
 - ``CompressConfig``, ``compress_(model, config, calibration)`` — one-shot compression of Hugging Face
   Mamba / Mamba2 (and mamba_ssm Mamba) models; ``CompreSSMCallback`` — the same during training.
 - ``from_pretrained(path)`` — loads checkpoints whose layers have different state sizes.
+- ``replace_mixers_(model)`` — swaps HF ``MambaMixer``s for the drop-in mixer that runs our scan
+  kernels (``compressm_mamba.ops``) and feeds Gramian collection without recomputation.
 """
 
 from . import reference
@@ -26,15 +28,20 @@ __all__ = [
     "CompressionReport",
     "CompreSSMCallback",
     "compress_",
+    "replace_mixers_",
     "from_pretrained",
     "__version__",
 ]
 
 
 def __getattr__(name):
-    # The callback subclasses transformers.TrainerCallback: import transformers only when asked.
+    # These subclass transformers' classes: import transformers only when asked.
     if name == "CompreSSMCallback":
         from .callback import CompreSSMCallback
 
         return CompreSSMCallback
+    if name == "replace_mixers_":
+        from .mamba_mixer import replace_mixers_
+
+        return replace_mixers_
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

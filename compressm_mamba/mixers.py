@@ -334,7 +334,11 @@ def _adapter_factories():
         pairs.append((mixer_class(), Mamba2Adapter))
     mamba_cls = _optional.mamba_ssm_class("mamba_ssm.modules.mamba_simple", "Mamba")
     if mamba_cls is not None:
-        pairs.append((mamba_cls, lambda n, m: Mamba1Adapter(n, m, "d_state", "dt_rank")))
+        from .mamba_mixer import mamba_ssm_mixer_class
+
+        ssm_mamba1 = lambda n, m: Mamba1Adapter(n, m, "d_state", "dt_rank")  # noqa: E731
+        pairs.append((mamba_cls, ssm_mamba1))
+        pairs.append((mamba_ssm_mixer_class(), ssm_mamba1))
     mamba2_cls = _optional.mamba_ssm_class("mamba_ssm.modules.mamba2", "Mamba2")
     if mamba2_cls is not None:
         pairs.append((mamba2_cls, MambaSsmMamba2Adapter))

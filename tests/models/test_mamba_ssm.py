@@ -143,3 +143,29 @@ def test_mamba2_module_refuses_balanced(mamba_ssm):
                                                                                 reduction="balanced"))
     with pytest.raises(ValueError, match="Hugging Face Mamba2 mixers only"):
         plans_for([adapter], decisions)
+
+
+def test_drop_in_mixer_for_mamba_ssm_equals_its_forward(mamba_ssm):
+    from compressm_mamba import replace_mixers_
+    from compressm_mamba.mamba_mixer import mamba_ssm_mixer_class
+
+    model = lm_head_model()
+    ours = copy.deepcopy(model)
+    assert replace_mixers_(ours, backend="torch") == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
+    assert type(ours.backbone.layers[0].mixer) is mamba_ssm_mixer_class()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for m in (model, ours):
+        logits = m(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+        loss.backward()
+        losses.append((logits.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    assert_close(losses[1][0], losses[0][0], rtol=1e-4, atol=1e-5, name="logits")
+    for name, grad in losses[0][1].items():
+        assert_close(losses[1][1][name], grad, rtol=1e-3, atol=1e-5, name=f"grad {name}")
+    # and compression recognises the swapped modules
+    report = cm.compress_(ours, cm.CompressConfig(mode="rank", rank=4), [ids])
+    assert [d.state_after for d in report.layers] == [4, 4]
+    with torch.no_grad():
+        ours(ids)
+    assert ours.backbone.layers[0].mixer.last_state_size == 4
