@@ -25,7 +25,7 @@ from compressm_mamba.reference import gramian_statistics  # noqa: E402
 
 PRESETS = {
     # (batch, channels, seqlen); channels = d_inner (mamba1) or heads (mamba2)
-    "cpu": {"shapes": [(2, 64, 256)], "states": [12, 16, 128], "dtype": "float32"},
+    "cpu": {"shapes": [(2, 32, 128)], "states": [12, 16, 128], "dtype": "float32"},
     "gpu": {"shapes": [(4, 1536, 2048), (2, 5120, 2048)], "states": [12, 16, 128], "dtype": "bfloat16"},
 }
 

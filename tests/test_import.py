@@ -93,3 +93,17 @@ def test_setup_skips_cuda_build_without_cuda_torch():
     assert proc.returncode == 0, proc.stderr
     assert "skipping the CUDA extension:" in proc.stderr
     assert "CPU build" in proc.stderr or "no CUDA sources" in proc.stderr
+
+
+def test_transformers_does_not_mistake_our_kernels_folder_for_the_hub_package():
+    """From the repository root, transformers' probe for Hugging Face's `kernels` finds our folder on
+    sys.path; it must conclude that the hub package is absent instead of crashing or using ours."""
+    pytest.importorskip("transformers")
+    proc = run_python(
+        """
+        from transformers.utils.import_utils import is_kernels_available
+        print(is_kernels_available())
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

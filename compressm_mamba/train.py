@@ -1,0 +1,185 @@
+"""Training with in-training compression: model presets, the ``finetune`` job, its report and plots.
+
+``finetune(...)`` builds (or loads) a Mamba / Mamba2 model, trains it with the Hugging Face Trainer
+and ``CompreSSMCallback``, and writes to ``out``: the checkpoint (safetensors), ``report.json`` (per-
+layer N before/after, loss and tokens/s before and after the cut, the cut reports) and PNG plots
+(loss vs step and vs wall time with the cut marked; HSV spectra per layer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["PRESETS", "build_model", "finetune", "TimingCallback", "FinetuneResult"]
+
+# Size presets built from config (no download).  vocab is set from the data.
+PRESETS = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, state_size=16),
+    "demo": dict(hidden_size=32, num_hidden_layers=2, state_size=128),
+    "small": dict(hidden_size=64, num_hidden_layers=4, state_size=128),
+    "base": dict(hidden_size=768, num_hidden_layers=24, state_size=128),
+}
+
+
+def build_model(preset: str, vocab_size: int, *, arch: str = "mamba", state_size: int | None = None, seed: int = 0):
+    """A freshly initialised ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` of a size preset."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if arch not in ("mamba", "mamba2"):
+        raise ValueError(f"unknown architecture {arch!r}; use 'mamba' or 'mamba2'")
+    size = dict(PRESETS[preset])
+    if state_size is not None:
+        size["state_size"] = state_size
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=0, eos_token_id=0, **size)
+    if arch == "mamba":
+        return MambaForCausalLM(MambaConfig(**common))
+    head_dim = 16
+    heads = 2 * size["hidden_size"] // head_dim
+    return Mamba2ForCausalLM(Mamba2Config(head_dim=head_dim, num_heads=heads, n_groups=1, expand=2, chunk_size=64,
+                                          **common))
+
+
+@dataclass
+class FinetuneResult:
+    out: str
+    report: dict
+    plots: list = field(default_factory=list)
+
+
+def _transformers_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class TimingCallback(_transformers_callback_base()):
+    """Records, per optimizer step: the training loss (when logged), wall time and tokens/s."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.steps = []  # dicts: step, wall, seconds
+        self._t0 = self._last = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.steps.append({"step": state.global_step, "wall": now - self._t0, "seconds": now - self._last})
+        self._last = now
+
+    def tokens_per_s(self, first: int, last: int) -> float | None:
+        """Mean tokens/s over steps first..last (inclusive), or None when there are none."""
+        chosen = [s["seconds"] for s in self.steps if first <= s["step"] <= last]
+        return None if not chosen else self.tokens_per_step * len(chosen) / sum(chosen)
+
+
+def _mean_loss(history, first, last):
+    values = [e["loss"] for e in history if "loss" in e and first <= e["step"] <= last]
+    return None if not values else sum(values) / len(values)
+
+
+def finetune(
+    out: str,
+    *,
+    data: str = "stdlib",
+    preset: str | None = "demo",
+    checkpoint: str | None = None,
+    arch: str = "mamba",
+    config=None,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    max_steps: int = 200,
+    learning_rate: float = 3e-3,
+    max_bytes: int = 2_000_000,
+    seed: int = 0,
+    backend: str = "auto",
+    plots: bool = True,
+    quiet: bool = False,
+) -> FinetuneResult:
+    """Train ``preset`` (or fine-tune ``checkpoint``) on ``data`` with ``CompreSSMCallback(config)``.
+
+    config=None trains without compression.  Mamba1 mixers are swapped for the drop-in mixer (our
+    scan kernels, ``backend``).  Returns the output folder, the report dict and the plot paths.
+    """
+    from transformers import Trainer, TrainingArguments, logging as hf_logging
+
+    from .callback import CompreSSMCallback
+    from .data import DIGITS_VOCAB, load_dataset_spec
+    from .mamba_mixer import replace_mixers_
+    from .mixers import find_mixers
+    from .state_sizes import from_pretrained
+
+    hf_logging.set_verbosity_error()
+    dataset = load_dataset_spec(data, seq_len, max_bytes=max_bytes)
+    vocab = DIGITS_VOCAB if data == "digits" else 256
+    if checkpoint is not None:
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"checkpoint {checkpoint!r}: not a directory")
+        model = from_pretrained(checkpoint)
+    else:
+        model = build_model(preset, vocab, arch=arch, seed=seed)
+    adapters = find_mixers(model)
+    sizes_before = {a.name: a.state_size for a in adapters}
+    try:
+        replace_mixers_(model, backend=backend)
+    except TypeError:
+        pass  # Mamba2: transformers' own SSD scan (see compressm_mamba.mamba_mixer)
+
+    tokens_per_step = batch_size * len(dataset[0]["input_ids"])
+    timing = TimingCallback(tokens_per_step)
+    callbacks = [timing]
+    compressor = None
+    if config is not None:
+        compressor = CompreSSMCallback(config)
+        callbacks.insert(0, compressor)
+    args = TrainingArguments(
+        output_dir=os.path.join(out, "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, max_steps // 10),
+        logging_steps=max(1, max_steps // 50), report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=quiet, seed=seed, data_seed=seed, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
+    trainer.train()
+
+    cut_steps = [] if compressor is None else [r.step for r in compressor.reports]
+    cut_step, last_cut = (cut_steps[0], cut_steps[-1]) if cut_steps else (None, None)
+    history = trainer.state.log_history
+    sizes_after = {a.name: a.state_size for a in find_mixers(model)}
+    report = {
+        "data": data, "preset": preset, "checkpoint": checkpoint, "arch": arch, "max_steps": max_steps,
+        "seq_len": seq_len, "batch_size": batch_size, "config": None if config is None else config.to_dict(),
+        "state_sizes_before": sizes_before, "state_sizes_after": sizes_after, "cut_step": cut_step,
+        "cut_steps": cut_steps,
+        "loss_before_cut": _mean_loss(history, 1, cut_step) if cut_step else None,
+        "loss_after_cut": _mean_loss(history, last_cut + 1, max_steps) if cut_step else None,
+        "final_loss": _mean_loss(history, max(1, max_steps - max_steps // 10), max_steps),
+        # the first steps include one-off warm-up costs; the step of a cut includes the cut itself
+        "tokens_per_s_before_cut": timing.tokens_per_s(2, cut_step - 1) if cut_step else None,
+        "tokens_per_s_after_cut": timing.tokens_per_s(last_cut + 1, max_steps) if cut_step else None,
+        "tokens_per_s": timing.tokens_per_s(2, max_steps),
+        "train_seconds": timing.steps[-1]["wall"] if timing.steps else None,
+        "cuts": [] if compressor is None else [r.to_dict() for r in compressor.reports],
+        "history": [e for e in history if "loss" in e],
+        "step_times": timing.steps,
+    }
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(os.path.join(out, "model"))  # safetensors
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    paths = []
+    if plots:
+        from .plots import plot_hsv_spectra, plot_training
+
+        paths.append(plot_training(report, os.path.join(out, "loss.png")))
+        if compressor and compressor.reports:
+            paths.append(plot_hsv_spectra(compressor.reports[0], os.path.join(out, "hsv.png")))
+    return FinetuneResult(out, report, paths)
