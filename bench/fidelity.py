@@ -44,8 +44,8 @@ from compressm_mamba.train import TimingCallback, build_model  # noqa: E402
 
 VARIANTS = ("a", "b-tau", "b-rank", "c-tau", "c-rank", "d", "e-random", "e-smallest", "f-stable")
 MODES = {
-    "quick": dict(tasks=("lm", "digits"), archs=("mamba", "mamba2"), seeds=(0,), steps=60, seq_len=256,
-                  train_bytes=400_000, eval_bytes=32_768, batch=4),
+    "quick": dict(tasks=("lm", "digits"), archs=("mamba", "mamba2"), seeds=(0,), steps=40, seq_len=128,
+                  train_bytes=200_000, eval_bytes=16_384, batch=4),
     "full": dict(tasks=("lm", "digits"), archs=("mamba", "mamba2"), seeds=(0, 1, 2), steps=400, seq_len=512,
                  train_bytes=2_000_000, eval_bytes=131_072, batch=4),
 }

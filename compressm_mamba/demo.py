@@ -1,6 +1,7 @@
 """The smallest end-to-end run of the reference method, on real text that ships offline.
 
-``python -m compressm_mamba.demo`` (what ``make demo`` runs until the training demo lands):
+``python -m compressm_mamba.demo`` (a walk-through of the float64 reference; ``make demo`` runs the
+training job, ``compressm-mamba finetune``):
 
 1. A Mamba1-style selective SSM block (Mamba's initialisation: A = −[1..N] per channel, dt in
    [1e-3, 1e-1], B and C projected from the input) reads bytes of CPython's own standard library.
@@ -15,29 +16,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
 
 from . import reference as ref
+from .data import stdlib_bytes
 
 
-def stdlib_bytes(n_bytes: int, offset: int = 0) -> torch.Tensor:
-    """The first ``n_bytes`` (after ``offset``) of CPython's standard-library sources, as uint8 tokens."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= n_bytes + offset:
-            break
-    blob = b"".join(chunks)[offset : offset + n_bytes]
-    if len(blob) < n_bytes:
-        raise RuntimeError(f"the standard library at {root} holds fewer than {n_bytes + offset} bytes")
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).long()
+def stdlib_tokens(n_bytes: int, offset: int = 0) -> torch.Tensor:
+    """``n_bytes`` of CPython's standard-library sources as int64 byte tokens."""
+    return torch.frombuffer(bytearray(stdlib_bytes(n_bytes, offset)), dtype=torch.uint8).long()
 
 
 class SelectiveBlock:
@@ -75,8 +64,8 @@ def main(argv=None) -> int:
 
     block = SelectiveBlock(args.dim, args.state, dt_rank=max(1, args.dim // 4), seed=args.seed)
     n = args.batch * args.seqlen
-    calib = stdlib_bytes(n).view(args.batch, args.seqlen)
-    held_out = stdlib_bytes(n, offset=n).view(args.batch, args.seqlen)
+    calib = stdlib_tokens(n).view(args.batch, args.seqlen)
+    held_out = stdlib_tokens(n, offset=n).view(args.batch, args.seqlen)
     print(f"selective SSM block: dim={args.dim}, N={args.state}; calibration {n} bytes of CPython's stdlib")
 
     u, delta, B, C = block.scan_inputs(held_out)
