@@ -17,23 +17,51 @@ by default the mean loss over ``eval_data``, or over the Trainer's evaluation da
 evaluated) is measured, the cut is made and measured
 again; if the metric worsened by more than ``rollback_tolerance`` (relative), the cut is undone —
 the very same parameter objects and optimizer state come back, bit for bit — and reducing stops.
+
+Failures: an attempt that raises (choosing ranks, surgery, rebuilding DDP) leaves the model and the
+optimizer exactly as they were before it, is recorded in ``callback.failures`` and in
+``state.log_history`` as ``{"compressm/failed": 1, "compressm/error": ...}``, and training goes on
+(later attempts may still cut); ``on_error="raise"`` re-raises instead.
+
+Data parallelism (DDP, METHOD.md §7): the Gramian sums are all-reduced over the ranks before ranks
+are chosen, rank 0's choice is broadcast, every yes/no (stable schedule's readiness, pragmatic
+rollback via the rank-mean metric, failure) is agreed by all ranks, and the Trainer's DDP wrapper is
+rebuilt in place for the new parameters (``distributed.rebuild_ddp_``).  FSDP and DeepSpeed are
+refused with the reason (README, "Distributed training").
+
+Resuming (``trainer.train(resume_from_checkpoint=...)``): the callback makes the model's
+``load_state_dict`` cut the mixers to the checkpoint's sizes first (``state_sizes.resize_on_load``,
+installed when the Trainer is built), so the weights and then the optimizer state fit.  Attempts at
+or before the checkpoint's step are not repeated; a stable schedule that already cut, or a pragmatic
+run that rolled back, stays stopped (read back from ``state.log_history``); a calibration window
+that straddles the checkpoint and the stable schedule's previous kept sets are restored from
+``compressm_state.safetensors``, which ``on_save`` writes (atomically) into the checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 from transformers import TrainerCallback
 
+from . import distributed
 from .collect import GramianCollector
-from .compress import CompressionReport, decide_cuts, plans_for
+from .compress import CompressionReport, LayerDecision, decide_cuts, plans_for
 from .config import CompressConfig
 from .mixers import find_mixers
-from .state_sizes import record_state_sizes
+from .persistence import save_tensors_atomic, write_json_atomic
+from .state_sizes import record_state_sizes, resize_on_load
 from .surgery import apply_cuts
 
-__all__ = ["CompreSSMCallback", "attempt_steps"]
+__all__ = ["CompreSSMCallback", "attempt_steps", "STATE_FILE", "REPORTS_FILE"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "compressm_state.safetensors"  # written into each Trainer checkpoint by on_save
+REPORTS_FILE = "compressm_reports.json"
 
 
 def attempt_steps(config: CompressConfig, max_steps: int) -> list:
@@ -79,6 +107,16 @@ def _weyl_margin(now, before) -> float:
     return (0.5 * float(a[r - 1] - a[r]) - float((a - b).abs().max())) / scale
 
 
+class _AttemptFailed(Exception):
+    """An attempt failed on this rank or another; the model and optimizer are as before it."""
+
+    def __init__(self, stage: str, error: BaseException | None):
+        self.stage = stage
+        self.error = error
+        what = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+        super().__init__(f"{stage}: {what}")
+
+
 class CompreSSMCallback(TrainerCallback):
     """Compress the Mamba mixers of the model being trained, early in training.
 
@@ -90,17 +128,24 @@ class CompreSSMCallback(TrainerCallback):
             ``trainer.get_eval_dataloader()``; the Trainer's own evaluation dataloader is used when
             this is None and the Trainer has evaluated before.
         eval_batches: cap for the default metric (default 16).
+        on_error: ``"continue"`` (default): an attempt that raises is recorded in ``failures`` and
+            ``state.log_history`` and training continues on the unchanged model; ``"raise"``: re-raise.
 
     After training, ``reports`` holds one ``CompressionReport`` per attempt that cut (``step`` set),
     ``jaccard`` and ``weyl`` the stable schedule's measurements between consecutive attempts (the
     smallest per-layer Jaccard index of the kept sets, and the Weyl margin of the importance
-    spectrum at the cut — see ``_weyl_margin``), ``rolled_back`` the steps whose cut was undone.
+    spectrum at the cut — see ``_weyl_margin``), ``rolled_back`` the steps whose cut was undone,
+    ``failures`` one dict (step, stage, error) per attempt that raised.
     """
 
-    def __init__(self, config: CompressConfig, *, metric_fn=None, eval_data=None, eval_batches: int = 16):
+    def __init__(self, config: CompressConfig, *, metric_fn=None, eval_data=None, eval_batches: int = 16,
+                 on_error: str = "continue"):
         if not isinstance(config, CompressConfig):
             raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")
+        if on_error not in ("continue", "raise"):
+            raise ValueError(f"on_error must be 'continue' or 'raise', got {on_error!r}")
         self.config = config
+        self.on_error = on_error
         self.metric_fn = metric_fn
         self.eval_data = eval_data
         self.eval_batches = eval_batches
@@ -110,23 +155,51 @@ class CompreSSMCallback(TrainerCallback):
         self.rolled_back: list = []
         self.steps: list = []
         self.stopped = False
+        self.failures: list = []
         self._adapters = None
         self._collector = None
+        self._window = None  # the attempt step the collector's current statistics are for
         self._previous = None  # previous attempt's decisions (stable schedule)
+        self._ddp = None
+        self._resume_hook = None
 
     # ---- Trainer events ----------------------------------------------------------------------
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # Resuming from a checkpoint saved after a cut: the Trainer loads its weights into the model
+        # with load_state_dict before building the optimizer; cut the mixers to fit first.
+        if model is None or self._resume_hook is not None:
+            return
+        try:
+            find_mixers(model)
+        except TypeError:
+            return  # on_train_begin names the problem
+        self._resume_hook = resize_on_load(model)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        distributed.check_supported_wrapping(model)
         self._adapters = find_mixers(model)  # TypeError for a model without supported mixers
         self._collector = GramianCollector(self._adapters, self.config.estimator)
+        self._window = None
         self.steps = attempt_steps(self.config, state.max_steps)
         if self.config.mode == "pragmatic" and self.metric_fn is None and self.eval_data is None:
             raise ValueError(
                 "CompressConfig.mode='pragmatic' needs a validation metric: pass metric_fn= or eval_data= "
                 "(e.g. trainer.get_eval_dataloader()) to CompreSSMCallback"
             )
+        self._ddp = None
+        if distributed.is_distributed():
+            self._ddp = distributed.find_ddp(model)
+            if self._ddp is None:
+                raise RuntimeError(
+                    "CompreSSMCallback: a process group of several ranks is initialised but the model is not "
+                    "wrapped in DistributedDataParallel; only DDP is supported for data-parallel compression "
+                    "(FSDP and DeepSpeed own the parameters' storage, which a cut must replace)"
+                )
         # A resumed run: attempts scheduled at or before the checkpoint's step are not repeated.
         self.steps = [s for s in self.steps if s > state.global_step]
+        if state.global_step > 0:
+            self._restore(args, state)
 
     def on_step_begin(self, args, state, control, **kwargs):
         upcoming = self._next_attempt(state.global_step)
@@ -134,35 +207,51 @@ class CompreSSMCallback(TrainerCallback):
             return
         # The step about to run is global_step + 1; collect over the K steps ending at the attempt.
         if upcoming - (state.global_step + 1) < self.config.calibration_batches and not self._collector.active:
-            self._collector.reset()
+            if self._window != upcoming:  # a new window (a restored one keeps its statistics)
+                self._collector.reset()
+                self._window = upcoming
             self._collector.start()
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self._collector is None or state.global_step not in self.steps or self.stopped:
             return
         self._collector.stop()
-        gramians = self._collector.gramians()
-        self._collector.reset()
-        decisions = decide_cuts(self._adapters, gramians, self.config)
+        try:
+            self._attempt(model, optimizer, state, control, self.eval_data or kwargs.get("eval_dataloader"))
+        except _AttemptFailed as failure:
+            self._record_failure(state, control, failure)
+            if self.on_error == "raise":
+                raise (failure.error or failure) from None
+        finally:
+            self._collector.reset()
+            self._window = None
 
-        if self.config.schedule == "stable":
-            backstop = state.global_step == self.steps[-1]
-            if self._previous is not None:
-                score = min(_jaccard(d.kept, p.kept) for d, p in zip(decisions, self._previous))
-                self.jaccard.append((state.global_step, score))
-                self.weyl.append((state.global_step, min(_weyl_margin(d, p) for d, p in zip(decisions, self._previous))))
-                ready = score >= self.config.stable_jaccard
-            else:
-                ready = False
-            self._previous = decisions
-            if not (ready or backstop):
-                return
-
-        if not any(d.cut for d in decisions):
+    def on_save(self, args, state, control, **kwargs):
+        """Write what a resumed run needs beyond the Trainer's own checkpoint (a calibration window in
+        progress, the stable schedule's previous kept sets) and the reports, atomically."""
+        if self._collector is None:
             return
-        self._cut(model, optimizer, decisions, state, control, self.eval_data or kwargs.get("eval_dataloader"))
-        if self.config.schedule == "stable":
-            self.stopped = True  # the stable schedule cuts once
+        stats = self._collector.stats
+        if distributed.is_distributed():
+            stats = distributed.all_reduce_statistics(stats, self._adapters, self.config.estimator)  # collective
+            if distributed.rank() != 0:
+                return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            return
+        tensors, metadata = self._collector.state_tensors(stats)
+        metadata.update({"step": str(state.global_step), "window": str(self._window or 0),
+                         "schedule": self.config.schedule})
+        if self._previous is not None:
+            for d in self._previous:
+                tensors[f"previous/{d.name}/kept"] = d.kept.to(torch.int64).contiguous()
+                tensors[f"previous/{d.name}/importance"] = d.importance.to(torch.float64).cpu().contiguous()
+                tensors[f"previous/{d.name}/hsv"] = d.hsv.to(torch.float64).cpu().contiguous()
+                metadata[f"previous/{d.name}"] = f"{d.kind},{d.state_before},{d.state_after}"
+        save_tensors_atomic(tensors, os.path.join(folder, STATE_FILE), metadata=metadata)
+        if self.reports or self.failures:
+            write_json_atomic({"reports": [r.to_dict() for r in self.reports], "failures": self.failures},
+                              os.path.join(folder, REPORTS_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._collector is not None:
@@ -175,15 +264,119 @@ class CompreSSMCallback(TrainerCallback):
             return None
         return next((s for s in self.steps if s > global_step), None)
 
+    def _restore(self, args, state) -> None:
+        """Bring a resumed run's bookkeeping to where the checkpoint's run was."""
+        history = [e for e in state.log_history if e.get("step", 0) <= state.global_step]
+        cut_steps = [e["step"] for e in history if "compressm/mean_state_size" in e]
+        self.rolled_back = [e["step"] for e in history if e.get("compressm/rolled_back")]
+        self.failures = [{"step": e["step"], "stage": e.get("compressm/stage", ""), "error": e.get("compressm/error", "")}
+                         for e in history if e.get("compressm/failed")]
+        if self.rolled_back or (self.config.schedule == "stable" and cut_steps):
+            self.stopped = True
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        if not os.path.isfile(path):
+            upcoming = self._next_attempt(state.global_step)
+            if upcoming is not None and upcoming - state.global_step < self.config.calibration_batches:
+                logger.warning("CompreSSMCallback: %s not found; the calibration window for the attempt at step %d "
+                               "restarts (fewer batches than calibration_batches)", path, upcoming)
+            return
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if metadata.get("step") != str(state.global_step):
+            return
+        window = int(metadata.get("window", 0))
+        if window and window in self.steps and not self.stopped and distributed.rank() == 0:
+            # Under DDP only rank 0 carries the (already all-reduced) partial sums: the next
+            # all-reduce adds the other ranks' new batches to them.
+            self._collector.load_state_tensors({k: v for k, v in tensors.items() if k.startswith("stats/")}, metadata)
+            self._window = window
+        elif window and window in self.steps and not self.stopped:
+            self._window = window
+        previous = []
+        for a in self._adapters:
+            record = metadata.get(f"previous/{a.name}")
+            if record is None:
+                previous = []
+                break
+            kind, before, after = record.split(",")
+            previous.append(LayerDecision(a.name, kind, int(before), int(after), tensors[f"previous/{a.name}/kept"],
+                                          tensors[f"previous/{a.name}/importance"], tensors[f"previous/{a.name}/hsv"]))
+        self._previous = previous or None
+
+    def _agree(self, error: BaseException | None, stage: str) -> None:
+        """Raise _AttemptFailed on every rank if ``error`` happened on any (a collective under DDP)."""
+        if distributed.any_rank(error is not None):
+            raise _AttemptFailed(stage, error)
+
+    def _attempt(self, model, optimizer, state, control, eval_dataloader):
+        decisions, error = None, None
+        try:
+            self._collector.all_reduce()  # METHOD.md §7: sum the Gramian statistics over the ranks
+            decisions = decide_cuts(self._adapters, self._collector.gramians(), self.config)
+        except Exception as err:  # noqa: BLE001 - any failure of an attempt is recorded, training goes on
+            error = err
+        self._agree(error, "choosing ranks")
+        decisions = distributed.broadcast_decisions_(decisions)  # every rank cuts rank 0's states
+
+        if self.config.schedule == "stable":
+            backstop = state.global_step == self.steps[-1]
+            ready = False
+            if self._previous is not None and [p.name for p in self._previous] == [d.name for d in decisions]:
+                score = min(_jaccard(d.kept, p.kept) for d, p in zip(decisions, self._previous))
+                self.jaccard.append((state.global_step, score))
+                self.weyl.append((state.global_step, min(_weyl_margin(d, p) for d, p in zip(decisions, self._previous))))
+                ready = score >= self.config.stable_jaccard
+            self._previous = decisions
+            if not distributed.broadcast_flag(ready or backstop):
+                return
+
+        if not any(d.cut for d in decisions):
+            return
+        self._cut(model, optimizer, decisions, state, control, eval_dataloader)
+        if self.config.schedule == "stable":
+            self.stopped = True  # the stable schedule cuts once
+
+    def _record_failure(self, state, control, failure: _AttemptFailed) -> None:
+        error = failure.error
+        message = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+        self.failures.append({"step": state.global_step, "stage": failure.stage, "error": message})
+        state.log_history.append({"step": state.global_step, "compressm/failed": 1, "compressm/stage": failure.stage,
+                                  "compressm/error": message})
+        control.should_log = True
+        logger.warning("CompreSSMCallback: the reduction attempt at step %d failed while %s (%s); the model and "
+                       "optimizer are unchanged and training continues", state.global_step, failure.stage, message)
+
     def _cut(self, model, optimizer, decisions, state, control, eval_dataloader):
-        plans = plans_for(self._adapters, decisions)
         pragmatic = self.config.mode == "pragmatic"
-        before = self._metric(model, eval_dataloader) if pragmatic else None
-        applied = apply_cuts(plans, optimizer)
-        if pragmatic:
-            after = self._metric(model, eval_dataloader)
-            if after - before > self.config.rollback_tolerance * abs(before):
+        before = self._agreed_metric(model, eval_dataloader, "measuring the metric before the cut") if pragmatic else None
+        applied, error = None, None
+        try:
+            plans = plans_for(self._adapters, decisions)
+            applied = apply_cuts(plans, optimizer)  # all layers or none
+        except Exception as err:  # noqa: BLE001 - recorded by on_step_end, training goes on
+            error = err
+        try:
+            self._agree(error, "cutting the layers")
+        except _AttemptFailed:
+            if applied is not None:  # it failed on another rank: undo ours too
                 applied.undo()
+            raise
+        try:
+            distributed.rebuild_ddp_(self._ddp)
+        except Exception as err:  # noqa: BLE001
+            self._undo(applied)
+            raise _AttemptFailed("rebuilding DistributedDataParallel", err) from None
+        if pragmatic:
+            try:
+                after = self._agreed_metric(model, eval_dataloader, "measuring the metric after the cut")
+            except _AttemptFailed:
+                self._undo(applied)
+                raise
+            if after - before > self.config.rollback_tolerance * abs(before):
+                self._undo(applied)
                 self.stopped = True
                 self.rolled_back.append(state.global_step)
                 state.log_history.append(
@@ -202,25 +395,47 @@ class CompreSSMCallback(TrainerCallback):
         state.log_history.append(entry)
         control.should_log = True
 
+    def _undo(self, applied) -> None:
+        """Put the very same parameters and optimizer state back, and DDP's reducer on them."""
+        applied.undo()
+        try:
+            distributed.rebuild_ddp_(self._ddp)
+        except Exception:  # noqa: BLE001 - the error that made us undo is the one to report
+            logger.exception("CompreSSMCallback: rebuilding DistributedDataParallel after an undo failed")
+
+    def _agreed_metric(self, model, eval_dataloader, stage: str) -> float:
+        """The validation metric averaged over the ranks; _AttemptFailed (on every rank) if it fails anywhere."""
+        value, error = float("nan"), None
+        try:
+            value = self._metric(model, eval_dataloader)
+        except Exception as err:  # noqa: BLE001
+            error = err
+        self._agree(error, stage)
+        return distributed.mean_over_ranks(value)
+
     @torch.no_grad()
     def _metric(self, model, eval_dataloader) -> float:
+        """This rank's validation metric (lower is better)."""
         was_training = model.training
         model.eval()
         try:
             if self.metric_fn is not None:
-                return float(self.metric_fn(model))
-            device = next(model.parameters()).device
-            losses = []
-            for i, batch in enumerate(eval_dataloader):
-                if i >= self.eval_batches:
-                    break
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                losses.append(float(model(**batch).loss))
-            if not losses:
-                raise ValueError("the evaluation dataloader is empty: no metric for mode='pragmatic'")
-            value = sum(losses) / len(losses)
+                value = float(self.metric_fn(model))
+            else:
+                if eval_dataloader is None:
+                    raise ValueError("no evaluation data: no metric for mode='pragmatic'")
+                device = next(model.parameters()).device
+                losses = []
+                for i, batch in enumerate(eval_dataloader):
+                    if i >= self.eval_batches:
+                        break
+                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    losses.append(float(model(**batch).loss))
+                if not losses:
+                    raise ValueError("the evaluation dataloader is empty: no metric for mode='pragmatic'")
+                value = sum(losses) / len(losses)
             if not math.isfinite(value):
-                raise ValueError(f"validation loss is {value}: cannot judge a cut")
+                raise ValueError(f"validation metric is {value}: cannot judge a cut")
             return value
         finally:
             model.train(was_training)

@@ -61,6 +61,8 @@ def check_gramian_inputs(delta, A, B, C, delta_bias=None, mask=None) -> int:
     """Check Gramian-estimator inputs (delta (batch, dim, L), A (dim, N), B/C, mask (batch, L)); returns N."""
     if not torch.is_tensor(delta) or delta.dim() != 3:
         raise ValueError(f"delta must be a (batch, dim, L) tensor, got {getattr(delta, 'shape', type(delta).__name__)}")
+    if not delta.is_floating_point():
+        raise TypeError(f"delta must be a floating-point tensor, got {delta.dtype}")
     _check_tensors("delta", delta, {"A": A, "B": B, "C": C, "delta_bias": delta_bias})
     batch, dim, L = delta.shape
     if A.dim() != 2 or A.shape[0] != dim:
@@ -68,7 +70,11 @@ def check_gramian_inputs(delta, A, B, C, delta_bias=None, mask=None) -> int:
     N = A.shape[1]
     _check_bc(B, C, batch, dim, N, L)
     _check_leading("delta_bias", delta_bias, "dim", dim)
-    if mask is not None and (not torch.is_tensor(mask) or tuple(mask.shape) != (batch, L) or mask.device != delta.device):
-        raise ValueError(f"mask must be a (batch={batch}, L={L}) tensor on {delta.device}, got "
-                         f"{tuple(getattr(mask, 'shape', ()))}")
+    if mask is not None:
+        if not torch.is_tensor(mask):
+            raise TypeError(f"mask must be a (batch={batch}, L={L}) tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != (batch, L):
+            raise ValueError(f"mask must be (batch={batch}, L={L}), got {tuple(mask.shape)}")
+        if mask.device != delta.device:
+            raise ValueError(f"mask is on {mask.device} but delta is on {delta.device}: all inputs must share a device")
     return N

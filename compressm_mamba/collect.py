@@ -5,7 +5,13 @@ system (delta, A, B, C) under no_grad (``MixerAdapter.ssm_inputs``) and adds the
 sums to a running ``GramianStatistics``.  Our drop-in ``CompreSSMMambaMixer`` instead offers a
 ``gramian_sink``: its forward hands over the delta, B, C it computed anyway (no recompute).
 Memory is O(layers · channels · N²) whatever the number of batches.  Single-token decoding steps
-(generation with a cache) are not collected.
+(generation with a cache) are not collected.  Padding never enters the Gramians: the mixer's
+``attention_mask`` reaches the estimator as its token mask (padding tokens neither excite nor decay
+the state, and are not counted), so a left-padded batch gives the Gramians of its unpadded sequences.
+
+Under data parallelism, ``all_reduce()`` sums the statistics over the ranks before ranks are chosen
+(METHOD.md §7); ``state_tensors()`` / ``load_state_tensors()`` carry a partial window through a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ class GramianCollector:
     @torch.no_grad()
     def add(self, adapter, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Add one batch of ``adapter``'s mixer input (batch, L, hidden) to its statistics."""
+        _check_mixer_input(adapter, hidden_states, attention_mask)
         delta, A, B, C = adapter.ssm_inputs(hidden_states, attention_mask)
         self.add_system(adapter, delta, A, B, C, attention_mask)
 
@@ -104,6 +111,42 @@ class GramianCollector:
         if adapter is self.adapters[0]:
             self.batches += 1
 
+    def all_reduce(self) -> "GramianCollector":
+        """Replace this rank's statistics by their sums over all ranks (a collective; no-op in one process)."""
+        from .distributed import all_reduce_statistics
+
+        self.stats = all_reduce_statistics(self.stats, self.adapters, self.estimator)
+        return self
+
+    def state_tensors(self, stats: dict | None = None) -> tuple:
+        """(tensors, metadata) describing ``stats`` (default: this collector's), for a safetensors file."""
+        stats = self.stats if stats is None else stats
+        tensors, metadata = {}, {"estimator": self.estimator, "batches": str(self.batches)}
+        for name, s in stats.items():
+            metadata[f"count/{name}"] = str(int(s.count))
+            for key, value in s.sums.items():
+                tensors[f"stats/{name}/{key}"] = value.detach().to(torch.float64).cpu().contiguous()
+        return tensors, metadata
+
+    def load_state_tensors(self, tensors: dict, metadata: dict) -> None:
+        """Restore statistics written by ``state_tensors`` (shapes are checked against the layers)."""
+        if metadata.get("estimator") != self.estimator:
+            raise ValueError(f"saved statistics are {metadata.get('estimator')!r}, this collector is {self.estimator!r}")
+        stats = {}
+        for adapter in self.adapters:
+            count = metadata.get(f"count/{adapter.name}")
+            if count is None:
+                continue
+            prefix = f"stats/{adapter.name}/"
+            sums = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            for key, value in sums.items():
+                if value.shape[0] != adapter.channels or value.shape[1] != adapter.state_size:
+                    raise ValueError(f"{adapter.name}: saved statistic {key!r} is {tuple(value.shape)}, the layer has "
+                                     f"{adapter.channels} channels of N={adapter.state_size}")
+            stats[adapter.name] = GramianStatistics(self.estimator, int(count), sums)
+        self.stats = stats
+        self.batches = int(metadata.get("batches", 0))
+
     def gramians(self) -> dict:
         """{layer name: (P, Q)}, each (channels, N, N) float64.  Raises if a layer saw no tokens."""
         missing = [a.name for a in self.adapters if a.name not in self.stats]
@@ -113,6 +156,25 @@ class GramianCollector:
                 "or did not run through the model"
             )
         return {name: gramians_from_statistics(s) for name, s in self.stats.items()}
+
+
+def _check_mixer_input(adapter, hidden_states, attention_mask) -> None:
+    """A clear error naming the layer for a mixer input the recomputation cannot use."""
+    if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3 or not hidden_states.is_floating_point():
+        raise ValueError(f"{adapter.name}: mixer input must be a floating-point (batch, L, hidden) tensor, got "
+                         f"{getattr(hidden_states, 'dtype', type(hidden_states).__name__)} "
+                         f"{tuple(getattr(hidden_states, 'shape', ()))}")
+    in_proj = getattr(adapter.module, "in_proj", None)
+    width = getattr(in_proj, "in_features", None)
+    if width is not None and hidden_states.shape[-1] != width:
+        raise ValueError(f"{adapter.name}: mixer input has {hidden_states.shape[-1]} features, the layer takes {width}")
+    if attention_mask is not None:
+        if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(hidden_states.shape[:2]):
+            raise ValueError(f"{adapter.name}: attention_mask must be (batch, L) = {tuple(hidden_states.shape[:2])}, "
+                             f"got {tuple(getattr(attention_mask, 'shape', ()))}")
+        if attention_mask.device != hidden_states.device:
+            raise ValueError(f"{adapter.name}: attention_mask is on {attention_mask.device} but the mixer input is on "
+                             f"{hidden_states.device}")
 
 
 class _SinkHandle:

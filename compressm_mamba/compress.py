@@ -99,6 +99,12 @@ class CompressionReport:
             ],
         }
 
+    def save(self, path: str) -> str:
+        """Write ``to_dict()`` as JSON, atomically (a crash leaves any previous file intact)."""
+        from .persistence import write_json_atomic
+
+        return write_json_atomic(self.to_dict(), path)
+
     def __str__(self) -> str:
         head = f"{'layer':<32} {'kind':<6} {'N':>5} {'-> N':>5} {'energy kept':>11}  top importances"
         lines = [head, "-" * len(head)]
@@ -108,6 +114,9 @@ class CompressionReport:
             lines.append(
                 f"{d.name:<32} {d.kind:<6} {d.state_before:>5} {d.state_after:>5} {d.energy_kept:>11.4f}  {spectrum}"
             )
+        if self.layers and not self.changed:
+            lines.append("nothing was cut: every layer is already at (or within the gate of) the size asked for; "
+                         "the model is unchanged")
         return "\n".join(lines)
 
 
@@ -190,8 +199,8 @@ def cut_model_(model: nn.Module, adapters: list, decisions: list, optimizer=None
 def run_calibration(model: nn.Module, calibration, collector: GramianCollector) -> int:
     """Run ``calibration`` batches through ``model`` with ``collector`` on; returns the batch count.
 
-    A batch is a dict of model inputs (``input_ids``, ``attention_mask``, …) or a tensor of input ids.
-    The model's training flag is restored afterwards.
+    A batch is a dict of model inputs (``input_ids``, ``attention_mask``, …) or a tensor of input ids
+    (hidden states for a bare mixer module).  The model's training flag is restored afterwards.
     """
     was_training = model.training
     model.eval()
@@ -199,12 +208,18 @@ def run_calibration(model: nn.Module, calibration, collector: GramianCollector) 
     batches = 0
     try:
         with torch.no_grad(), collector:
-            for batch in calibration:
-                if torch.is_tensor(batch):
+            for i, batch in enumerate(calibration):
+                if torch.is_tensor(batch):  # input ids (or, for a bare mixer, its hidden states)
                     model(batch.to(device))
                 elif isinstance(batch, dict):
                     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
                               if k not in ("labels",)}
+                    if "input_ids" in inputs:
+                        _check_ids(inputs["input_ids"], f"calibration batch {i}: input_ids")
+                        mask = inputs.get("attention_mask")
+                        if mask is not None and (not torch.is_tensor(mask) or mask.shape != inputs["input_ids"].shape):
+                            raise ValueError(f"calibration batch {i}: attention_mask must have input_ids' shape "
+                                             f"{tuple(inputs['input_ids'].shape)}, got {tuple(getattr(mask, 'shape', ()))}")
                     model(**inputs)
                 else:
                     raise TypeError(f"calibration batches must be dicts of model inputs or tensors, got {type(batch).__name__}")
@@ -212,6 +227,12 @@ def run_calibration(model: nn.Module, calibration, collector: GramianCollector) 
     finally:
         model.train(was_training)
     return batches
+
+
+def _check_ids(ids, what: str) -> None:
+    if not torch.is_tensor(ids) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{what} must be a (batch, L) tensor of integer token ids, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
 
 
 def compress_(model: nn.Module, config: CompressConfig, calibration, *, optimizer=None) -> CompressionReport:
@@ -225,7 +246,10 @@ def compress_(model: nn.Module, config: CompressConfig, calibration, *, optimize
 
     Returns:
         a ``CompressionReport``.  On any error (unsupported model, empty calibration, diverged
-        Gramians, impossible rank) the model is left exactly as it was.
+        Gramians, impossible rank) the model is left exactly as it was.  Asking again for a size a
+        layer already has cuts nothing (``report.changed`` is False and the report says so); asking
+        for more states than a layer has left raises ValueError naming the layer.  Padding tokens of
+        dict batches (``attention_mask``) never enter the Gramians.
     """
     if not isinstance(config, CompressConfig):
         raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")

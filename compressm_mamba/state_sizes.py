@@ -17,7 +17,17 @@ import torch.nn as nn
 from .mixers import find_mixers
 from .surgery import apply_cuts
 
-__all__ = ["record_state_sizes", "recorded_state_sizes", "resize_to_", "from_pretrained", "load_safetensors_dir"]
+__all__ = [
+    "record_state_sizes",
+    "recorded_state_sizes",
+    "resize_to_",
+    "from_pretrained",
+    "load_safetensors_dir",
+    "state_sizes_in_state_dict",
+    "resize_for_state_dict_",
+    "resize_to_checkpoint_",
+    "resize_on_load",
+]
 
 
 def record_state_sizes(model: nn.Module, adapters: list) -> dict:
@@ -65,9 +75,13 @@ def resize_to_(model: nn.Module, sizes: dict, balanced: dict | None = None) -> N
     if unknown:
         raise ValueError(f"state sizes name layers the model does not have: {unknown}")
 
+    for name in sorted(set(sizes) | set(balanced)):  # check every layer before changing any
+        a = adapters[name]
+        for r in {sizes.get(name, a.state_size), balanced.get(name, a.state_size)}:
+            if not (isinstance(r, int) and 1 <= r <= a.state_size):
+                raise ValueError(f"{a.name}: recorded state size {r} is not in [1, {a.state_size}]")
+
     def first_states(a, r):
-        if not 1 <= r <= a.state_size:
-            raise ValueError(f"{a.name}: recorded state size {r} is not in [1, {a.state_size}]")
         return a.plan_select(torch.arange(r).expand(a.ngroups, r).clone())
 
     # First every layer's B/C to its built size, then the balanced layers' maps on top.
@@ -80,6 +94,97 @@ def resize_to_(model: nn.Module, sizes: dict, balanced: dict | None = None) -> N
         maps.append(a.plan_maps(zeros, zeros.clone()))
     apply_cuts(maps)
     record_state_sizes(model, list(adapters.values()))
+
+
+def state_sizes_in_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> tuple:
+    """(sizes, balanced) that ``state_dict``'s tensor shapes imply for ``model``'s mixers.
+
+    Mamba1: ``A_log`` is (channels, N).  Mamba2: a balanced layer stores ``B_map`` (G, r, N_full);
+    otherwise conv1d runs over [x (I) | B (G·N) | C (G·N)] channels.  Layers whose tensors are not in
+    ``state_dict`` are left out.
+    """
+    sizes, balanced = {}, {}
+    for a in find_mixers(model):
+        key = f"{prefix}{a.name}." if a.name else prefix
+        if a.kind == "mamba1":
+            A_log = state_dict.get(key + "A_log")
+            if A_log is not None and A_log.dim() == 2:
+                sizes[a.name] = int(A_log.shape[1])
+            continue
+        B_map = state_dict.get(key + "B_map")
+        if B_map is not None and B_map.dim() == 3:
+            sizes[a.name], balanced[a.name] = int(B_map.shape[1]), int(B_map.shape[2])
+            continue
+        conv = state_dict.get(key + "conv1d.weight")
+        if conv is None:
+            continue
+        I, G = int(getattr(a.module, a._ssm_dim)), a.ngroups
+        rows = int(conv.shape[0]) - I
+        if rows <= 0 or rows % (2 * G):
+            raise ValueError(f"{a.name}: conv1d.weight has {int(conv.shape[0])} channels, not {I} + 2·{G}·N")
+        sizes[a.name] = rows // (2 * G)
+    return sizes, balanced
+
+
+def _current_sizes(adapters) -> tuple:
+    sizes = {a.name: a.state_size for a in adapters}
+    balanced = {a.name: a.full_state_size for a in adapters if getattr(a, "balanced", False)}
+    return sizes, balanced
+
+
+def resize_for_state_dict_(model: nn.Module, state_dict: dict, prefix: str = "") -> bool:
+    """Cut ``model``'s mixers down to the state sizes ``state_dict`` holds (before loading it); True if changed.
+
+    Nothing happens when the sizes already agree; a state dict with *larger* layers than the model is
+    left for ``load_state_dict`` to report (a cut cannot be undone by loading).
+    """
+    sizes, balanced = state_sizes_in_state_dict(model, state_dict, prefix)
+    adapters = find_mixers(model)
+    now, now_balanced = _current_sizes(adapters)
+    if all(now[n] == r for n, r in sizes.items()) and all(now_balanced.get(n) == f for n, f in balanced.items()):
+        return False
+    if any(r > now[n] for n, r in sizes.items()) or any(f > now[n] for n, f in balanced.items()):
+        return False
+    resize_to_(model, sizes, balanced)
+    return True
+
+
+def resize_to_checkpoint_(model: nn.Module, path: str) -> dict:
+    """Bring ``model`` to the per-layer state sizes recorded in the checkpoint ``path`` (its config.json's
+    ``compressm.state_sizes``), before its weights and optimizer state are loaded.
+
+    The one call to make before ``trainer.train(resume_from_checkpoint=path)`` when the model was
+    built at full size and ``CompreSSMCallback`` did not see the Trainer being built (it installs
+    ``resize_on_load`` then, which does this by itself).  Returns the sizes ({} when the checkpoint
+    records none).  Raises ValueError naming the layer if a recorded size exceeds the model's.
+    """
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path}: no config.json; is it a checkpoint directory?")
+    with open(config_file) as f:
+        record = json.load(f).get("compressm")
+    sizes, balanced = recorded_state_sizes(type("Recorded", (), {"compressm": record})())
+    if not sizes:
+        return {}
+    adapters = find_mixers(model)
+    now, now_balanced = _current_sizes(adapters)
+    if sizes == now and balanced == now_balanced:
+        return sizes
+    resize_to_(model, sizes, balanced)
+    return sizes
+
+
+def resize_on_load(model: nn.Module):
+    """Make ``model.load_state_dict`` cut the mixers to the incoming state dict's sizes first.
+
+    What lets ``Trainer.train(resume_from_checkpoint=...)`` load a checkpoint saved after a cut into a
+    model built at full size: the Trainer loads the weights with ``load_state_dict`` before it
+    builds the optimizer, so weights and optimizer state then fit.  Returns the hook handle.
+    """
+    def hook(module, state_dict, prefix, *args):
+        resize_for_state_dict_(module, state_dict, prefix)
+
+    return model.register_load_state_dict_pre_hook(hook)
 
 
 def load_safetensors_dir(path: str) -> dict:
