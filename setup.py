@@ -14,9 +14,17 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# How csrc/ is compiled.  Plain literals: tests/ops/test_cuda_compile.py reads them with `ast` (without
+# running this file) to compile-check csrc/ with the same flags on machines that cannot build it.
+# C++20: the headers of torch >= 2.13 use C++20 features, and torch's own extension builder defaults to it.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"  # A100, H100 / H200; override with TORCH_CUDA_ARCH_LIST
+CXX_FLAGS = ["-O3", "-std=c++20"]
+# No --use_fast_math: the kernels' exp / log1p / expm1 paths keep full fp32 accuracy (house style 11).
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 def _flag(name):
@@ -56,15 +64,12 @@ def _ext_modules():
         print(f"compressm_mamba: FORCE_CUDA_BUILD set, building despite: {reason}", file=sys.stderr)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     ext = CUDAExtension(
         name="compressm_mamba._C",
         sources=_cuda_sources(),
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
-        },
+        extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -72,11 +77,8 @@ def _ext_modules():
 ext_modules, cmdclass = _ext_modules()
 
 setup(
-    packages=[
-        "compressm_mamba",
-        "compressm_mamba.reference",
-        "compressm_mamba.kernels",
-    ],
+    # Every subpackage of compressm_mamba/, plus kernels/ under its installed name.
+    packages=find_packages(include=["compressm_mamba", "compressm_mamba.*"]) + ["compressm_mamba.kernels"],
     # Triton kernels live in the top-level kernels/ folder but are only ever installed as
     # compressm_mamba.kernels: a top-level `kernels` is Hugging Face's kernel-hub package.
     package_dir={"compressm_mamba": "compressm_mamba", "compressm_mamba.kernels": "kernels"},

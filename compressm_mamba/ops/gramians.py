@@ -52,7 +52,14 @@ def gramian_sums(
         )
         count = delta.shape[0] * delta.shape[2] if mask is None else int(mask.bool().sum())
         return GramianStatistics(estimator, count, {"P": P, "Q": Q})
-    raise RuntimeError("backend='cuda' Gramians are not available yet")
+    from ._cuda import gramian_sums_cuda
+
+    P, Q = gramian_sums_cuda(
+        delta, A, B, C, estimator=estimator, delta_bias=delta_bias, delta_softplus=delta_softplus, mask=mask,
+        constant_rows=bool((A == A[:, :1]).all()),
+    )
+    count = delta.shape[0] * delta.shape[2] if mask is None else int(mask.bool().sum())
+    return GramianStatistics(estimator, count, {"P": P, "Q": Q})
 
 
 def gramians(delta, A, B, C, *, estimator: str = "ltv", delta_bias=None, delta_softplus: bool = False, mask=None,

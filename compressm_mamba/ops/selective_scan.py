@@ -135,4 +135,7 @@ def selective_scan(
     if chosen == "triton":
         out, last = _triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return (out, last) if return_last_state else out
-    raise RuntimeError("backend='cuda' selective scan is not available yet")  # resolve_backend refuses it first
+    from ._cuda import selective_scan_cuda
+
+    out, last = selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last) if return_last_state else out

@@ -1,0 +1,4 @@
+// Selective scan backward kernels for fp16 inputs (one file per dtype keeps each nvcc job small).
+#include "selective_scan.cuh"
+
+template void selective_scan_bwd_cuda<c10::Half>(const SelectiveScanBwdParams& params, cudaStream_t stream);

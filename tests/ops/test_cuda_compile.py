@@ -1,0 +1,181 @@
+"""Compile-check csrc/ with nvcc against torch's headers, on machines that cannot build the extension.
+
+A CUDA extension cannot be built or linked against a CPU build of torch (shared/ENV.md, pitfall 5),
+but nvcc can compile every .cu file to an object against torch's headers once the one generated
+header that CPU builds lack, ``c10/cuda/impl/cuda_cmake_macros.h``, exists (an empty stub is enough
+for compiling).  That catches every C++ error, every template-instantiation error and every ptxas
+error (register or shared-memory overflow) of the kernels for the real target architectures.
+
+Flags come from setup.py (its literals are read with ``ast``; the file is not run) plus the flags
+torch's extension builder adds, so this compiles what ``pip install`` compiles on a GPU machine.
+One difference, for time: ``-DCOMPRESSM_MAMBA_FAST_COMPILE_CHECK`` makes the headers instantiate
+fewer kernels: the scan for N = 12 and 256 (both thread layouts: several lanes per channel with the
+warp reduce-scatter, a whole warp per channel) instead of 11 sizes, the Gramians for 64 x 64 tiles
+only instead of 5 tile shapes (csrc/selective_scan/selective_scan.h, csrc/gramians/gramians.h).
+Every .cu file is still compiled, for every architecture, with every switch (z / no z, ltv / frozen,
+general / constant rows); static_asserts check the shared memory of every size that is not
+compiled.  The full set costs ~75 s of CPU per backward .cu and ~10 min for all of csrc/ on 2 cores;
+this check costs ~2.5 min of CPU (~80 s on 2 idle cores).  bindings.cpp is compiled with the C++
+compiler as in the build, and finally all objects are linked into one shared library to prove that
+every kernel entry point bindings.cpp calls is defined.  Skipped where nvcc is missing.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CSRC = REPO / "csrc"
+NVCC = shutil.which("nvcc") or (
+    str(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc") if os.environ.get("CUDA_HOME") else None
+)
+CU_FILES = sorted(str(p.relative_to(REPO)) for p in CSRC.rglob("*.cu"))
+WORKERS = 2
+TIMEOUT_S = 600
+
+needs_nvcc = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC), reason="nvcc not found")
+
+
+def setup_literals() -> dict:
+    """DEFAULT_CUDA_ARCH_LIST, CXX_FLAGS and NVCC_FLAGS as written in setup.py."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    wanted = {"DEFAULT_CUDA_ARCH_LIST", "CXX_FLAGS", "NVCC_FLAGS"}
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in wanted:
+                found[node.targets[0].id] = ast.literal_eval(node.value)
+    missing = wanted - found.keys()
+    assert not missing, f"setup.py no longer defines {sorted(missing)} as literals"
+    return found
+
+
+def arch_flags(arch_list: str) -> list[str]:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0", "9.0+PTX") -> nvcc -gencode flags, as torch's builder makes them."""
+    flags = []
+    for arch in re.split(r"[;\s]+", arch_list.strip()):
+        if not arch:
+            continue
+        num = arch.replace("+PTX", "").replace(".", "")
+        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+        if arch.endswith("+PTX"):
+            flags += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
+    return flags
+
+
+def cuda_include_dir() -> str:
+    """The toolkit's include folder (for cuda_runtime_api.h in bindings.cpp), as nvcc itself uses it."""
+    out = subprocess.run([NVCC, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True, timeout=60)
+    match = re.search(r'INCLUDES="-I([^"]+)"', out.stdout + out.stderr)
+    assert match, f"cannot find the CUDA include folder in `nvcc --dryrun`:\n{out.stderr}"
+    return match.group(1).strip()
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """Compile every csrc/*.cu with nvcc and bindings.cpp with the C++ compiler, 2 jobs at a time.
+
+    Returns {source: CompletedProcess} plus the object folder; each test below checks one source.
+    """
+    from torch.utils import cpp_extension
+
+    literals = setup_literals()
+    out_dir = tmp_path_factory.mktemp("csrc_objects")
+    stub = out_dir / "stub"
+    (stub / "c10" / "cuda" / "impl").mkdir(parents=True)
+    (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    includes = [f"-I{stub}", f"-I{CSRC}"] + [f"-I{p}" for p in cpp_extension.include_paths()]
+    defines = ["-DCOMPRESSM_MAMBA_FAST_COMPILE_CHECK", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(_cxx11_abi())}"]
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", literals["DEFAULT_CUDA_ARCH_LIST"])
+
+    jobs = {}
+    for source in CU_FILES:
+        obj = out_dir / (source.replace("/", "_") + ".o")
+        jobs[source] = [NVCC, "-c", str(REPO / source), "-o", str(obj), *cpp_extension.COMMON_NVCC_FLAGS,
+                        "--compiler-options", "-fPIC", *literals["NVCC_FLAGS"], *arch_flags(arch_list),
+                        *includes, *defines]
+    cxx = os.environ.get("CXX", "c++")
+    jobs["csrc/bindings.cpp"] = [cxx, "-c", str(CSRC / "bindings.cpp"), "-o", str(out_dir / "bindings.o"), "-fPIC",
+                                 *literals["CXX_FLAGS"], *includes, f"-I{cuda_include_dir()}",
+                                 f"-I{sysconfig.get_paths()['include']}", *defines]
+
+    def run(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            return subprocess.CompletedProcess(cmd, -1, "", f"timed out after {TIMEOUT_S} s: {e}")
+
+    # Longest first (backward kernels), so that the two workers finish together.
+    order = sorted(jobs, key=lambda s: ("bwd" not in s, "bindings" not in s, s))
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        results = dict(zip(order, pool.map(run, (jobs[s] for s in order))))
+    return results, out_dir
+
+
+def _cxx11_abi() -> bool:
+    import torch
+
+    return bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+
+
+def _report(proc: subprocess.CompletedProcess) -> str:
+    return f"$ {' '.join(proc.args)}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+
+
+def test_every_op_family_has_its_sources():
+    """Both families, forward and backward, one .cu per dtype: what setup.py will compile."""
+    expected = {f"csrc/selective_scan/selective_scan_{d}_{t}.cu" for d in ("fwd", "bwd") for t in ("fp32", "fp16", "bf16")}
+    expected |= {f"csrc/gramians/gramians_{t}.cu" for t in ("fp32", "fp16", "bf16")}
+    assert expected <= set(CU_FILES), sorted(expected - set(CU_FILES))
+    assert (CSRC / "bindings.cpp").exists()
+
+
+def test_checkpoint_chunk_agrees_with_the_python_side():
+    """The fake forward (compressm_mamba/ops/_cuda.py) predicts the checkpoints' shape from kScanChunk."""
+    from compressm_mamba.ops import _cuda
+
+    header = (CSRC / "selective_scan" / "selective_scan.h").read_text()
+    match = re.search(r"constexpr int kScanChunk = (\d+);", header)
+    assert match, "kScanChunk not found in selective_scan.h"
+    assert int(match.group(1)) == _cuda.CHECKPOINT_CHUNK
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", CU_FILES + ["csrc/bindings.cpp"])
+def test_source_compiles(build, source):
+    results, _ = build
+    proc = results[source]
+    assert proc.returncode == 0, _report(proc)
+
+
+@needs_nvcc
+def test_objects_link_into_one_library(build, tmp_path):
+    """Every kernel entry point bindings.cpp calls is defined by some .cu object (nothing ours undefined)."""
+    results, out_dir = build
+    if any(proc.returncode != 0 for proc in results.values()):
+        pytest.skip("a source failed to compile (reported by test_source_compiles)")
+    lib = tmp_path / "_C.so"
+    cxx = os.environ.get("CXX", "c++")
+    objects = sorted(str(p) for p in out_dir.glob("*.o"))
+    proc = subprocess.run([cxx, "-shared", "-o", str(lib), *objects], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, _report(proc)
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm not found")
+    undefined = subprocess.run([nm, "-C", "--undefined-only", str(lib)], capture_output=True, text=True,
+                               timeout=60).stdout
+    ours = [line for line in undefined.splitlines()
+            if re.search(r"selective_scan_(fwd|bwd)_cuda|gramian_sums_cuda|compressm_mamba::", line)]
+    assert not ours, "undefined symbols of our own:\n" + "\n".join(ours)
+
