@@ -104,8 +104,10 @@ def cmd_compress(args) -> int:
 
     model = from_pretrained(args.checkpoint)
     report = compress_(model, _config(args), _calibration(args.data, args.seq_len, args.batches, args.batch_size))
+    from .persistence import save_pretrained_atomic
+
     print(report)
-    model.save_pretrained(args.out)
+    save_pretrained_atomic(model, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -8,7 +8,6 @@ layer N before/after, loss and tokens/s before and after the cut, the cut report
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -116,6 +115,7 @@ def finetune(
     from .data import DIGITS_VOCAB, load_dataset_spec
     from .mamba_mixer import replace_mixers_
     from .mixers import find_mixers
+    from .persistence import save_pretrained_atomic, write_json_atomic
     from .state_sizes import from_pretrained
 
     hf_logging.set_verbosity_error()
@@ -172,9 +172,8 @@ def finetune(
         "step_times": timing.steps,
     }
     os.makedirs(out, exist_ok=True)
-    model.save_pretrained(os.path.join(out, "model"))  # safetensors
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    save_pretrained_atomic(model, os.path.join(out, "model"))  # safetensors, renamed into place
+    write_json_atomic(report, os.path.join(out, "report.json"), indent=1)
     paths = []
     if plots:
         from .plots import plot_hsv_spectra, plot_training
