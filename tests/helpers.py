@@ -89,3 +89,21 @@ def _spread_A(model):
 
 def random_ids(batch=4, length=24, vocab=64, seed=0):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def mamba2_reference_output(adapter, hidden):
+    """A HF (or balanced) Mamba2 mixer's output rebuilt from the adapter's recomputed (delta, A, B, C)
+    and the float64 reference scan: proves ssm_inputs are the values the mixer's forward uses."""
+    from compressm_mamba.reference import selective_scan_mamba2
+
+    m = adapter.module
+    batch, L, _ = hidden.shape
+    I = m.intermediate_size
+    delta, A, B, C = adapter.ssm_inputs(hidden)
+    z, xBC, _ = m.in_proj(hidden).split([I, m.conv_dim, m.num_heads], dim=-1)
+    x = m.act(m.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)[..., :I]
+    y = selective_scan_mamba2(
+        x.reshape(batch, L, m.num_heads, m.head_dim).double(), delta.transpose(1, 2).double(), A[:, 0].double(),
+        B.permute(0, 3, 1, 2).double(), C.permute(0, 3, 1, 2).double(), m.D.double(),
+    )
+    return m.out_proj(m.norm(y.reshape(batch, L, I).float(), z))

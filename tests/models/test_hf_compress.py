@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, random_ids, tiny_mamba, tiny_mamba2
+from helpers import assert_close, mamba2_reference_output, random_ids, tiny_mamba, tiny_mamba2
 
 import compressm_mamba as cm
 from compressm_mamba.collect import GramianCollector
@@ -110,23 +110,11 @@ def test_recomputed_ssm_inputs_reproduce_the_hf_forward():
 
 
 def test_recomputed_ssm_inputs_reproduce_the_hf_mamba2_forward():
-    from compressm_mamba.reference import selective_scan_mamba2
-
     model = tiny_mamba2()
-    m = model.backbone.layers[1].mixer
     adapter = find_mixers(model)[1]
     hidden = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        delta, A, B, C = adapter.ssm_inputs(hidden)
-        L, I = 13, m.intermediate_size
-        z, xBC, _ = m.in_proj(hidden).split([I, m.conv_dim, m.num_heads], dim=-1)
-        x = m.act(m.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)[..., :I]
-        y = selective_scan_mamba2(
-            x.reshape(2, L, m.num_heads, m.head_dim).double(), delta.transpose(1, 2).double(), A[:, 0].double(),
-            B.permute(0, 3, 1, 2).double(), C.permute(0, 3, 1, 2).double(), m.D.double(),
-        )
-        out = m.out_proj(m.norm(y.reshape(2, L, I).float(), z))
-        assert_close(out, m(hidden), **FLOAT, name="mixer output")
+        assert_close(mamba2_reference_output(adapter, hidden), adapter.module(hidden), **FLOAT, name="mixer output")
 
 
 @pytest.mark.parametrize("kind", MODELS)
