@@ -3,7 +3,7 @@
 ``CompreSSMMambaMixer`` IS a transformers ``MambaMixer`` (and ``CompreSSMMamba`` a mamba_ssm
 ``Mamba``): a subclass swapped in place, with the same parameter objects and state_dict keys, so
 checkpoints and optimizers keep working.  Its full-sequence forward calls ``ops.selective_scan`` with
-the best backend for its device — the ``torch`` doubling scan on a CPU, the Triton kernels on a
+the best backend for its device — the ``torch`` time-major scan on a CPU, the Triton kernels on a
 GPU — for whatever state size the layer has *now*: after a cut the next forward runs the kernel
 specialised for the new N, with no restart and no re-wrapping.
 

@@ -19,7 +19,7 @@ import torch
 from .. import _optional
 from ..checks import check_scan_inputs
 from ..reference import selective_scan as _reference_scan
-from ..torch_backend.selective_scan import selective_scan_chunked
+from ..torch_backend.selective_scan import selective_scan_torch
 
 __all__ = ["selective_scan", "BACKENDS", "resolve_backend", "last_call"]
 
@@ -131,7 +131,7 @@ def selective_scan(
     if chosen == "reference":
         return _reference_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if chosen == "torch":
-        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if chosen == "triton":
         out, last = _triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return (out, last) if return_last_state else out

@@ -1,17 +1,22 @@
-r"""The ``torch`` backend of the selective scan: vectorised over time, for CPUs (and a fallback everywhere).
+r"""The ``torch`` backend of the selective scan: time-major, for CPUs (and a fallback everywhere).
 
-The recurrence h_t = a_t h_{t−1} + x_t (a_t = exp(dt_t A), x_t = dt_t B_t u_t) is solved by recursive
-doubling: after step k every position holds the sum over the 2^k tokens before it, so log2(L) steps
-of whole-tensor operations replace the Python loop over L time steps, with no exponentials of
-differences that could overflow (products of decays only shrink).
+The recurrence h_t = a_t h_{t−1} + x_t (a_t = exp(dt_t A), x_t = dt_t B_t u_t) runs as a loop over
+time on a *time-major* layout (L, batch, G, dim // G, N): every step is one fused multiply-add on a
+contiguous (batch, dim, N) block, so a step costs one pass over the state and the whole scan one
+pass over (L, batch, dim, N) — no exponentials of differences that could overflow, and no
+log(L) factor.  Everything that is not the recurrence (decays, inputs, y = C·h and every gradient)
+is a whole-tensor op or a batched matmul over that layout.
 
-Forward and backward are one ``torch.autograd.Function``: the forward keeps only the states h
-(batch, dim, N, L); the backward runs the same doubling backwards in time for g_t = ∂loss/∂h_t,
-g_t = a_{t+1} g_{t+1} + C_t ∂loss/∂y_t, and forms every gradient elementwise from h_{t−1} and g_t.
-Memory is a few (batch, dim, N, L) tensors; work is O(batch · dim · N · L · log L).
+Why not recursive doubling (the previous version of this file): it touches the (batch, dim, N, L)
+states log2(L) times; at (4, 64, 512, N=128) on 2 CPU threads it took 2.9 s forward+backward
+against 0.4 s here, measured side by side in one run when this replaced it.  The
+layout matters as much as the algorithm: a broadcast product of permuted views inherits their
+strides, so the small operands are made contiguous time-major *before* the big products.
 
-Channels are laid out as (ngroups, dim // ngroups) so that B and C broadcast over a group's
-channels without being copied per channel.
+Forward and backward are one ``torch.autograd.Function``: the forward keeps only the states h;
+the backward runs g_t = a_{t+1} g_{t+1} + C_t ∂loss/∂y_t backwards in time in place, then forms
+every gradient from w_t = g_t ⊙ a_t ⊙ h_{t−1} (= a_t ∂loss/∂a_t) and batched contractions.
+Memory is three (L, batch, dim, N) tensors at the peak of the backward.
 """
 
 from __future__ import annotations
@@ -21,58 +26,49 @@ import torch.nn.functional as F
 
 from ..reference.selective_scan import _compute_dtype, skip_and_gate
 
-__all__ = ["selective_scan_chunked", "linear_scan"]
+__all__ = ["selective_scan_torch"]
+
+# Contract the last axis of two (L, batch, G, ·, N) tensors: (.., p, N) x (.., q, N) -> (.., p, q).
+_CONTRACT_N = "lbgpn,lbgqn->lbgpq"
 
 
-def linear_scan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """h_t = a_t h_{t−1} + x_t along the last axis (h_{−1} = 0), by recursive doubling.
-
-    a, x: (..., L) of one dtype.  Returns h (..., L).  log2(L) steps, each a few whole-tensor ops.
-    """
-    L = x.shape[-1]
-    h = x.clone()
-    decay = a.clone()
-    k = 1
-    while k < L:
-        # The right-hand sides are evaluated into fresh tensors before the slices are written, so the
-        # overlap of h[..., k:] and h[..., :-k] is harmless.
-        h[..., k:] = h[..., k:] + decay[..., k:] * h[..., :-k]
-        if 2 * k < L:
-            decay[..., k:] = decay[..., k:] * decay[..., :-k]
-        k *= 2
-    return h
-
-
-class _DoublingScan(torch.autograd.Function):
-    """The scan core on grouped layouts; see the module docstring for the gradient formulas."""
+class _TimeMajorScan(torch.autograd.Function):
+    """The scan core on the time-major grouped layout; formulas in the module docstring."""
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C):
-        # u, dt: (batch, G, dpg, 1, L); A: (1, G, dpg, N, 1); B, C: (batch, G, 1, N, L)
-        a = torch.exp(dt * A)
-        h = linear_scan(a, dt * u * B)  # (batch, G, dpg, N, L)
-        y = (h * C).sum(3, keepdim=True)  # (batch, G, dpg, 1, L)
+        # u, dt: (L, batch, G, dpg, 1); A: (G, dpg, N); B, C: (L, batch, G, 1, N); all contiguous.
+        a = torch.exp(dt * A)  # (L, batch, G, dpg, N)
+        h = (dt * u) * B  # x_t, turned into the states in place
+        for t in range(1, h.shape[0]):
+            h[t].addcmul_(a[t], h[t - 1])
+        y = torch.einsum(_CONTRACT_N, h, C)  # (L, batch, G, dpg, 1)
         ctx.save_for_backward(u, dt, A, B, C, h)
-        return y, h[..., -1]
+        return y, h[-1]
 
     @staticmethod
-    def backward(ctx, dy, _dlast):
+    def backward(ctx, dy, dlast):
         u, dt, A, B, C, h = ctx.saved_tensors
         a = torch.exp(dt * A)
-        # g_t = a_{t+1} g_{t+1} + C_t dy_t, i.e. the forward recurrence on time-reversed, shifted decays.
-        a_next = F.pad(a[..., 1:], (0, 1))
-        g = linear_scan(a_next.flip(-1), (C * dy).flip(-1)).flip(-1)  # (batch, G, dpg, N, L)
-        h_prev = F.pad(h[..., :-1], (1, 0))
-        da = g * h_prev  # ∂loss/∂a_t
-        du = (g * dt * B).sum(3, keepdim=True)
-        ddt = (g * u * B + da * a * A).sum(3, keepdim=True)
-        dA = (da * a * dt).sum((0, 4), keepdim=True)
-        dB = (g * dt * u).sum(2, keepdim=True)
-        dC = (h * dy).sum(2, keepdim=True)
+        g = dy * C  # C_t ∂loss/∂y_t, turned into ∂loss/∂h_t in place
+        if dlast is not None:
+            g[-1] += dlast
+        for t in range(g.shape[0] - 2, -1, -1):
+            g[t].addcmul_(a[t + 1], g[t + 1])
+        w = a  # reuse the decay buffer: w_t = g_t a_t h_{t-1}, zero at t = 0 (h_{-1} = 0)
+        w[0].zero_()
+        w[1:].mul_(h[:-1])
+        w.mul_(g)
+        gB = torch.einsum(_CONTRACT_N, g, B)  # Σ_n g B: (L, batch, G, dpg, 1)
+        du = gB * dt
+        ddt = gB * u + torch.einsum("lbgpn,gpn->lbgp", w, A).unsqueeze(-1)
+        dA = torch.einsum("lbgpn,lbgp->gpn", w, dt.squeeze(-1))
+        dB = (dt * u).transpose(-1, -2) @ g  # Σ over a group's channels: (L, batch, G, 1, N)
+        dC = dy.transpose(-1, -2) @ h
         return du, ddt, dA, dB, dC
 
 
-def selective_scan_chunked(
+def selective_scan_torch(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
@@ -100,13 +96,15 @@ def selective_scan_chunked(
         dt = dt + delta_bias.to(cdt)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    grouped = (batch, G, dim // G, 1, L)
-    y, last = _DoublingScan.apply(
-        u.to(cdt).reshape(grouped),
-        dt.reshape(grouped),
-        A.to(cdt).reshape(1, G, dim // G, N, 1),
-        B.to(cdt).reshape(batch, G, 1, N, L),
-        C.to(cdt).reshape(batch, G, 1, N, L),
+
+    def channels(t):  # (batch, dim, L) -> (L, batch, G, dim // G, 1), contiguous
+        return t.to(cdt).permute(2, 0, 1).reshape(L, batch, G, dim // G, 1).contiguous()
+
+    def projections(t):  # (batch, [G,] N, L) -> (L, batch, G, 1, N), contiguous
+        return t.to(cdt).reshape(batch, G, N, L).permute(3, 0, 1, 2).unsqueeze(3).contiguous()
+
+    y, last = _TimeMajorScan.apply(
+        channels(u), channels(dt), A.to(cdt).reshape(G, dim // G, N), projections(B), projections(C)
     )
-    out = skip_and_gate(y.reshape(batch, dim, L), u.to(cdt), D, z).to(u.dtype)
+    out = skip_and_gate(y.reshape(L, batch, dim).permute(1, 2, 0), u.to(cdt), D, z).to(u.dtype)
     return (out, last.reshape(batch, dim, N).detach()) if return_last_state else out

@@ -6,7 +6,7 @@ from helpers import assert_close, random_scan_inputs
 
 from compressm_mamba import ops
 from compressm_mamba.reference import selective_scan as reference_scan
-from compressm_mamba.torch_backend.selective_scan import selective_scan_chunked
+from compressm_mamba.torch_backend.selective_scan import selective_scan_torch
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -29,7 +29,7 @@ def test_torch_backend_matches_reference_forward_and_backward(L, N, dim, ngroups
     if not softplus:
         x["delta"] = x["delta"].abs() + 0.05
     dout = torch.randn(2, dim, L, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    out, last, grads = scan_with_grads(selective_scan_chunked, x, dout, delta_softplus=softplus)
+    out, last, grads = scan_with_grads(selective_scan_torch, x, dout, delta_softplus=softplus)
     ref_out, ref_last, ref_grads = scan_with_grads(reference_scan, x, dout, delta_softplus=softplus)
     assert_close(out, ref_out, rtol=1e-10, atol=1e-12, name="out")
     assert_close(last, ref_last, rtol=1e-10, atol=1e-12, name="last_state")
