@@ -315,7 +315,8 @@ class CompreSSMCallback(TrainerCallback):
         decisions, error = None, None
         try:
             self._collector.all_reduce()  # METHOD.md §7: sum the Gramian statistics over the ranks
-            decisions = decide_cuts(self._adapters, self._collector.gramians(), self.config)
+            decisions = decide_cuts(self._adapters, self._collector.gramians(), self.config,
+                                    self._rank_targets(state.global_step))
         except Exception as err:  # noqa: BLE001 - any failure of an attempt is recorded, training goes on
             error = err
         self._agree(error, "choosing ranks")
@@ -338,6 +339,21 @@ class CompreSSMCallback(TrainerCallback):
         self._cut(model, optimizer, decisions, state, control, eval_dataloader)
         if self.config.schedule == "stable":
             self.stopped = True  # the stable schedule cuts once
+
+    def _rank_targets(self, global_step: int) -> dict | None:
+        """Per-layer sizes for this attempt on the geometric path to ``rank`` (None: cut to ``rank``).
+
+        With R' attempts left (this one included), a layer at N goes to N·(rank/N)^(1/R'): a constant
+        factor per attempt, depending only on the current sizes, so a resumed run continues the path.
+        """
+        c = self.config
+        if c.mode != "rank" or c.schedule != "warmup" or c.rank_path != "geometric":
+            return None
+        left = sum(1 for s in self.steps if s >= global_step)
+        if left <= 1:
+            return None
+        return {a.name: min(a.state_size, max(c.rank, round(a.state_size * (c.rank / a.state_size) ** (1 / left))))
+                for a in self._adapters}
 
     def _record_failure(self, state, control, failure: _AttemptFailed) -> None:
         error = failure.error

@@ -58,7 +58,7 @@ def cmd_finetune(args) -> int:
 
     config = None if args.no_compress else _config(
         args, warmup_fraction=args.warmup_fraction, attempts=args.attempts, calibration_batches=args.calibration_batches,
-        schedule=args.schedule)
+        schedule=args.schedule, rank_path=args.rank_path)
     result = finetune(
         args.out, data=args.data, preset=None if args.checkpoint else args.preset, checkpoint=args.checkpoint,
         arch=args.arch, config=config, seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps,
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attempts", type=int, default=4)
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--schedule", default="warmup", help="warmup | stable")
+    p.add_argument("--rank-path", default="geometric", help="--mode rank: geometric (shrink at every attempt) | direct")
     p.add_argument("--no-compress", action="store_true", help="train without the callback (a baseline)")
     _config_args(p)
     p.set_defaults(func=cmd_finetune)

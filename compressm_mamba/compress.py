@@ -120,14 +120,15 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def decide_cuts(adapters: list, gramians: dict, config: CompressConfig) -> list:
+def decide_cuts(adapters: list, gramians: dict, config: CompressConfig, targets: dict | None = None) -> list:
     """Choose, per layer, how many and which states to keep (METHOD.md §5–6).
 
     gramians: {layer name: (P, Q)}, each (channels, N, N).  Groups (Mamba2) get one spectrum each;
     r is the largest of the groups' ranks, so that all groups keep the same number.  With
     ``reduction="balanced"`` (Mamba2) the spectrum is the HSVs of the group's summed Gramians and the
     kept states are its r leading balanced directions.  Raises ValueError naming the layer for
-    non-finite Gramians or an impossible rank.
+    non-finite Gramians or an impossible rank.  ``targets`` ({layer name: r}, ``mode="rank"`` only)
+    overrides ``config.rank`` per layer — the callback's geometric path to ``rank``.
     """
     generator = torch.Generator().manual_seed(config.seed)
     decisions = []
@@ -155,7 +156,7 @@ def decide_cuts(adapters: list, gramians: dict, config: CompressConfig) -> list:
         try:
             r = max(
                 choose_rank(importance[g], config.rank_mode, tau=config.tau, fraction=config.fraction,
-                            rank=config.rank, gate=config.gate, min_state=config.min_state)
+                            rank=targets.get(adapter.name, config.rank) if targets else config.rank, gate=config.gate, min_state=config.min_state)
                 for g in range(G)
             )
         except ValueError as err:

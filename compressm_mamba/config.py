@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from .reference.gramians import ESTIMATORS
 from .reference.selection import IMPORTANCE_RULES, KEEP_RULES
 
-__all__ = ["CompressConfig", "MODES", "REDUCTIONS", "SCHEDULES"]
+__all__ = ["CompressConfig", "MODES", "RANK_PATHS", "REDUCTIONS", "SCHEDULES"]
 
 MODES = ("tolerance", "fixed", "rank", "pragmatic")
 REDUCTIONS = ("select", "balanced")
 SCHEDULES = ("warmup", "stable")
+RANK_PATHS = ("geometric", "direct")
 
 
 def _is_int(x) -> bool:
@@ -31,6 +32,13 @@ class CompressConfig:
         tau: tolerance in (0, 1) for ``"tolerance"`` (default 0.01).
         fraction: in (0, 1) for ``"fixed"`` / ``"pragmatic"`` (default 0.1).
         rank: target state size >= 1 for ``"rank"``.
+        rank_path: how the callback's warmup schedule reaches ``rank`` (``"rank"`` mode only):
+            ``"geometric"`` (default) — attempt k of R cuts to N·(rank/N)^(1/(R−k+1)) of the current N,
+            so the sizes shrink by a constant factor and the last attempt lands on ``rank``
+            (128 → 71 → 39 → 22 → 12 over 4 attempts); ``"direct"`` — the first attempt cuts to
+            ``rank``.  Geometric steps let the model train between cuts, so the final states are
+            ranked on a model that has learned more (the first attempt comes at 2.5 % of training).
+            One-shot ``compress_`` always cuts straight to ``rank``.
         gate: a layer is cut only if r < gate · N (default 0.95).
         min_state: never fewer states than this (default 1).
     Ranking:
@@ -54,6 +62,7 @@ class CompressConfig:
     tau: float = 0.01
     fraction: float = 0.1
     rank: int | None = None
+    rank_path: str = "geometric"
     estimator: str = "ltv"
     importance: str = "balanced"
     keep: str = "largest"
@@ -96,6 +105,7 @@ class CompressConfig:
         choice("keep", KEEP_RULES)
         choice("reduction", REDUCTIONS)
         choice("schedule", SCHEDULES)
+        choice("rank_path", RANK_PATHS)
         open_unit("tau")
         open_unit("fraction")
         open_unit("warmup_fraction", hi_closed=True)

@@ -1,5 +1,7 @@
 """CompreSSMCallback inside a real Hugging Face Trainer run (tiny models, CPU)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import random_ids, tiny_mamba, tiny_mamba2
@@ -75,11 +77,13 @@ def test_rank_mode_shrinks_every_layer_at_the_scheduled_step(kind, tmp_path):
     trainer = make_trainer(MODELS[kind](), [callback, spy], tmp_path / "run")
     trainer.train()
     assert callback.steps == [5, 10]
-    assert [r.step for r in callback.reports] == [5]  # the second attempt is gated (already at rank)
-    assert spy.sizes[4] == [16, 16] and spy.sizes[5] == [4, 4] and spy.sizes[40] == [4, 4]
+    # the geometric path: 16 -> 16·(4/16)^(1/2) = 8 at the first attempt, the rank at the last
+    assert [r.step for r in callback.reports] == [5, 10]
+    assert spy.sizes[4] == [16, 16] and spy.sizes[5] == [8, 8] and spy.sizes[9] == [8, 8]
+    assert spy.sizes[10] == [4, 4] and spy.sizes[40] == [4, 4]
     assert all(torch.isfinite(torch.tensor(loss)) for loss in losses(trainer))
     logged = [e for e in trainer.state.log_history if "compressm/mean_state_size" in e]
-    assert logged and logged[0]["step"] == 5 and logged[0]["compressm/mean_state_size"] == 4.0
+    assert [(e["step"], e["compressm/mean_state_size"]) for e in logged][:2] == [(5, 8.0), (10, 4.0)]
 
     # the LR schedule is unbroken: identical to a run without the callback
     plain = make_trainer(MODELS[kind](), [], tmp_path / "plain")
@@ -87,6 +91,26 @@ def test_rank_mode_shrinks_every_layer_at_the_scheduled_step(kind, tmp_path):
     assert learning_rates(trainer) == learning_rates(plain)
     # identical up to the cut (same seed, same data), different after
     assert losses(trainer)[:5] == pytest.approx(losses(plain)[:5], rel=1e-5)
+
+
+def test_rank_path_direct_cuts_to_rank_at_the_first_attempt(tmp_path):
+    config = cm.CompressConfig(mode="rank", rank=4, rank_path="direct", warmup_fraction=0.25, attempts=2,
+                               calibration_batches=3)
+    callback, spy = cm.CompreSSMCallback(config), StateSizeSpy()
+    make_trainer(MODELS["mamba"](), [callback, spy], tmp_path / "run").train()
+    assert [r.step for r in callback.reports] == [5]  # the second attempt is gated (already at rank)
+    assert spy.sizes[4] == [16, 16] and spy.sizes[5] == [4, 4] and spy.sizes[40] == [4, 4]
+
+
+def test_geometric_rank_targets_follow_the_remaining_attempts():
+    callback = cm.CompreSSMCallback(cm.CompressConfig(mode="rank", rank=12, attempts=4))
+    callback.steps = [10, 20, 30, 40]
+    callback._adapters = [SimpleNamespace(name="l0", state_size=128), SimpleNamespace(name="l1", state_size=8)]
+    assert callback._rank_targets(10) == {"l0": 71, "l1": 8}  # a layer already below the rank stays
+    callback._adapters[0].state_size = 39
+    assert callback._rank_targets(30) == {"l0": 22, "l1": 8}  # depends on the current size: resumable
+    assert callback._rank_targets(40) is None  # the last attempt cuts to the rank itself
+    assert cm.CompreSSMCallback(cm.CompressConfig(mode="tolerance"))._rank_targets(10) is None
 
 
 def test_tolerance_mode_and_collection_window(tmp_path):
