@@ -43,12 +43,17 @@ from compressm_mamba.state_sizes import resize_to_  # noqa: E402
 from compressm_mamba.train import TimingCallback, build_model  # noqa: E402
 
 VARIANTS = ("a", "b-tau", "b-rank", "c-tau", "c-rank", "d", "e-random", "e-smallest", "f-stable")
+# lr 1e-2 with a 2.5 % warm-up: the byte LM is well below its unigram entropy (~3.4-3.5 bits per byte
+# against ~4.3) by step 40 = 10 % of the full run, so the cuts rank states of a model that has
+# learned something (METHOD.md §8); at lr 3e-3 with a 10 % warm-up it was still at ~4.2 there.
 MODES = {
     "quick": dict(tasks=("lm", "digits"), archs=("mamba", "mamba2"), seeds=(0,), steps=40, seq_len=128,
-                  train_bytes=200_000, eval_bytes=16_384, batch=4),
+                  train_bytes=200_000, eval_bytes=16_384, batch=dict(lm=4, digits=8), lr=1e-2, warmup=0.025),
     "full": dict(tasks=("lm", "digits"), archs=("mamba", "mamba2"), seeds=(0, 1, 2), steps=400, seq_len=512,
-                 train_bytes=2_000_000, eval_bytes=131_072, batch=4),
+                 train_bytes=2_000_000, eval_bytes=131_072, batch=dict(lm=4, digits=8), lr=1e-2, warmup=0.025),
 }
+# Columns that describe the run (the same for every row of a task), so merged CSVs keep their set-up.
+SETUP = ("steps", "seq_len", "batch", "lr", "estimator", "tau", "threads")
 
 
 def datasets_for(task, cfg):
@@ -75,9 +80,10 @@ def evaluate(model, task, held_out, batch=8):
     return correct / len(ids)
 
 
-def train(model, train_set, cfg, seed, config=None):
-    """Train in place; returns (wall seconds, the compression callback or None)."""
-    from transformers import Trainer, TrainingArguments, logging as hf_logging
+def train(model, train_set, cfg, seed, batch, config=None):
+    """Train in place; returns (wall seconds, the compression callback or None, the mean training loss
+    over the first 10 % of the steps — the warm-up window in which the cuts happen)."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments, logging as hf_logging
 
     from compressm_mamba import replace_mixers_
 
@@ -86,43 +92,54 @@ def train(model, train_set, cfg, seed, config=None):
         replace_mixers_(model, backend="auto")
     except TypeError:
         pass  # Mamba2 keeps transformers' SSD scan
-    callbacks = [TimingCallback(cfg["batch"] * len(train_set[0]["input_ids"]))]
+    callbacks = [TimingCallback(batch * len(train_set[0]["input_ids"]))]
     compressor = CompreSSMCallback(config) if config is not None else None
     if compressor:
         callbacks.insert(0, compressor)
+    tenth = max(1, cfg["steps"] // 10)
     args = TrainingArguments(
         output_dir=os.path.join("/tmp", "compressm_fidelity"), max_steps=cfg["steps"],
-        per_device_train_batch_size=cfg["batch"], learning_rate=3e-3, lr_scheduler_type="cosine",
-        warmup_steps=max(1, cfg["steps"] // 10), logging_steps=10, report_to=[], save_strategy="no",
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=seed, data_seed=seed,
+        per_device_train_batch_size=batch, learning_rate=cfg["lr"], lr_scheduler_type="cosine",
+        warmup_steps=max(1, round(cfg["warmup"] * cfg["steps"])), logging_steps=tenth, report_to=[],
+        save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=seed, data_seed=seed,
     )
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # one line per run from us instead of a dict per log step
     t0 = time.perf_counter()
-    Trainer(model=model, args=args, train_dataset=train_set, callbacks=callbacks).train()
-    return time.perf_counter() - t0, compressor
+    trainer.train()
+    wall = time.perf_counter() - t0
+    at_tenth = [e["loss"] for e in trainer.state.log_history if e.get("step") == tenth and "loss" in e]
+    return wall, compressor, (at_tenth[0] if at_tenth else float("nan"))
 
 
-def run_cell(task, arch, seed, cfg, estimator, tau, variants):
-    """All variants for one (task, arch, seed); returns result rows."""
+def run_cell(task, arch, seed, cfg, estimator, tau, variants, emit):
+    """All variants for one (task, arch, seed); ``emit(row)`` is called as each run finishes."""
     train_set, held_out, vocab = datasets_for(task, cfg)
+    batch = cfg["batch"][task]
+    setup = dict(steps=cfg["steps"], seq_len=len(train_set[0]["input_ids"]), batch=batch, lr=cfg["lr"],
+                 estimator=estimator, tau=tau, threads=torch.get_num_threads())
     base = dict(mode="rank", rank=12, estimator=estimator, calibration_batches=4, attempts=4, seed=seed)
-    rows, models = [], {}
+    models, walls = {}, {}
 
-    def record(variant, model, wall, note=""):
+    def record(variant, model, wall, loss_tenth, note=""):
         sizes = [a.state_size for a in find_mixers(model)]
         metric = evaluate(model, task, held_out)
-        rows.append(dict(task=task, arch=arch, seed=seed, variant=variant, metric=round(metric, 4),
-                         final_N="/".join(map(str, sizes)), wall_s=round(wall, 1), note=note))
-        print(f"{task:6} {arch:6} seed {seed} {variant:10} metric {metric:.4f}  N {rows[-1]['final_N']:>8}  "
-              f"{wall:6.1f} s {note}", flush=True)
+        walls[variant] = wall
+        row = dict(task=task, arch=arch, seed=seed, variant=variant, metric=round(metric, 4),
+                   final_N="/".join(map(str, sizes)), wall_s=round(wall, 1),
+                   train_loss_at_10pct=round(loss_tenth, 4), note=note, **setup)
+        emit(row)
+        print(f"{task:6} {arch:6} seed {seed} {variant:10} metric {metric:.4f}  N {row['final_N']:>8}  "
+              f"{wall:6.1f} s  loss@10% {loss_tenth:.3f} {note}", flush=True)
 
     def fresh(N=None):
         return build_model("demo", vocab, arch=arch, seed=seed, state_size=N)
 
     if "a" in variants or "d" in variants:
         model = fresh()
-        wall, _ = train(model, train_set, cfg, seed)
+        wall, _, loss_tenth = train(model, train_set, cfg, seed, batch)
         models["a"] = model
-        record("a", model, wall)
+        record("a", model, wall, loss_tenth)
     compressed = {
         "b-tau": dict(base, mode="tolerance", tau=tau), "b-rank": base,
         "e-random": dict(base, keep="random"), "e-smallest": dict(base, keep="smallest"),
@@ -133,24 +150,22 @@ def run_cell(task, arch, seed, cfg, estimator, tau, variants):
         if variant not in variants:
             continue
         model = fresh()
-        wall, cb = train(model, train_set, cfg, seed, CompressConfig(**kw))
+        wall, cb, loss_tenth = train(model, train_set, cfg, seed, batch, CompressConfig(**kw))
         final_sizes[variant] = {a.name: a.state_size for a in find_mixers(model)}
-        cut = cb.reports[0].step if cb.reports else None
-        record(variant, model, wall, note=f"cut at step {cut}" if cut else "no cut")
+        cuts = ",".join(str(r.step) for r in cb.reports)
+        record(variant, model, wall, loss_tenth, note=f"cuts at steps {cuts}" if cuts else "no cut")
     for variant, source in (("c-tau", "b-tau"), ("c-rank", "b-rank")):
         if variant in variants and source in final_sizes:
             model = fresh()
             resize_to_(model, final_sizes[source])  # the first r states of a fresh init = a fresh small init
-            wall, _ = train(model, train_set, cfg, seed)
-            record(variant, model, wall)
+            wall, _, loss_tenth = train(model, train_set, cfg, seed, batch)
+            record(variant, model, wall, loss_tenth)
     if "d" in variants:
         model = copy.deepcopy(models["a"])
-        ids = torch.tensor(train_set["input_ids"][: 4 * cfg["batch"]])
+        ids = torch.tensor(train_set["input_ids"][: 4 * batch])
         t0 = time.perf_counter()
-        compress_(model, CompressConfig(**base), [{"input_ids": ids[i : i + cfg["batch"]]}
-                                                  for i in range(0, len(ids), cfg["batch"])])
-        record("d", model, rows[0]["wall_s"] + time.perf_counter() - t0, note="post-hoc cut of (a)")
-    return rows
+        compress_(model, CompressConfig(**base), [{"input_ids": ids[i : i + batch]} for i in range(0, len(ids), batch)])
+        record("d", model, walls["a"] + time.perf_counter() - t0, float("nan"), note="post-hoc cut of (a)")
 
 
 def summarise(rows):
@@ -160,12 +175,14 @@ def summarise(rows):
         groups.setdefault((r["task"], r["arch"], r["variant"]), []).append(r)
     table = []
     for (task, arch, variant), rs in groups.items():
-        metrics = [r["metric"] for r in rs]
-        walls = [r["wall_s"] for r in rs]
+        metrics = [float(r["metric"]) for r in rs]
+        walls = [float(r["wall_s"]) for r in rs]
+        losses = [float(r["train_loss_at_10pct"]) for r in rs if not math.isnan(float(r["train_loss_at_10pct"]))]
         table.append(dict(task=task, arch=arch, variant=variant, seeds=len(rs),
                           metric_mean=round(statistics.mean(metrics), 4),
                           metric_std=round(statistics.stdev(metrics), 4) if len(rs) > 1 else 0.0,
-                          wall_s_mean=round(statistics.mean(walls), 1), final_N=rs[0]["final_N"]))
+                          wall_s_mean=round(statistics.mean(walls), 1), final_N=rs[0]["final_N"],
+                          loss_10pct=round(statistics.mean(losses), 3) if losses else None))
     return table
 
 
@@ -191,6 +208,58 @@ def plot(table, path):
     plt.close(fig)
 
 
+def write_report(rows, stem, title):
+    """The table (markdown) and the plot for ``rows`` (from one run or merged CSVs)."""
+    table = summarise(rows)
+    first = rows[0]
+    with open(stem + ".md", "w") as f:
+        f.write(f"# fidelity ({title}) — {first['device']}, git {first['git']}, {first['date']}\n\n")
+        for task in dict.fromkeys(r["task"] for r in rows):
+            r = next(r for r in rows if r["task"] == task)
+            seeds = sorted({int(x["seed"]) for x in rows if x["task"] == task})
+            f.write(f"- {task}: " + ", ".join(f"{k} {r[k]}" for k in SETUP) + f", seeds {seeds}\n")
+        f.write("\nlm: held-out bits per byte (lower is better); digits: test accuracy. `loss@10%`: mean training loss "
+                "over the first 10 % of the steps (nats per token), the window in which the warm-up cuts happen.\n\n")
+        f.write("| task | arch | variant | seeds | metric (mean ± std) | final N | loss@10% | wall s / run |\n"
+                "|---|---|---|---|---|---|---|---|\n")
+        for r in table:
+            f.write(f"| {r['task']} | {r['arch']} | {r['variant']} | {r['seeds']} | {r['metric_mean']:.4f} ± "
+                    f"{r['metric_std']:.4f} | {r['final_N']} | {r['loss_10pct'] if r['loss_10pct'] is not None else ''} "
+                    f"| {r['wall_s_mean']} |\n")
+    plot(table, stem + ".png")
+    print(open(stem + ".md").read())
+    print(f"wrote {stem}.md/.png")
+
+
+class RowWriter:
+    """Appends each finished run to a CSV at once, so a run that is cut off keeps what it measured."""
+
+    def __init__(self, path, env):
+        self.path, self.env, self.rows, self._writer = path, env, [], None
+        self._file = open(path, "w", newline="")
+
+    def __call__(self, row):
+        import csv
+
+        full = {**row, **self.env}
+        if self._writer is None:
+            self._writer = csv.DictWriter(self._file, fieldnames=list(full))
+            self._writer.writeheader()
+        self._writer.writerow(full)
+        self._file.flush()
+        self.rows.append(full)
+
+
+def read_rows(paths):
+    import csv
+
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -202,8 +271,24 @@ def main(argv=None):
                         help="Gramian estimator (default mean_lti, the paper's surrogate: cheap at N=128 on a CPU)")
     parser.add_argument("--tau", type=float, default=0.05)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default=None, help="output stem (default bench/results/fidelity_<mode>)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="CSV",
+                        help="train nothing: write the combined table and plot of these CSVs to --out")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
+    stem = args.out or os.path.join(RESULTS, f"fidelity_{mode}")
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    if args.merge:
+        rows = read_rows(args.merge)
+        if os.path.abspath(stem + ".csv") not in map(os.path.abspath, args.merge):
+            writer = RowWriter(stem + ".csv", {})
+            for row in rows:
+                writer(row)
+        write_report(rows, stem, mode)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = dict(MODES[mode])
     if args.steps:
         cfg["steps"] = args.steps
@@ -213,33 +298,14 @@ def main(argv=None):
     variants = set(args.variants.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
-    print(f"fidelity ({mode}): {env['device']}, git {env['git']}, steps {cfg['steps']}, estimator {args.estimator}")
-
-    rows = []
+    print(f"fidelity ({mode}): {env['device']}, git {env['git']}, steps {cfg['steps']}, estimator {args.estimator}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    emit = RowWriter(stem + ".csv", env)
     for task in tasks:
         for arch in archs:
             for seed in seeds:
-                rows += run_cell(task, arch, seed, cfg, args.estimator, args.tau, variants)
-    table = summarise(rows)
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, f"fidelity_{mode}")
-    import csv
-
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) + list(env.keys()))
-        writer.writeheader()
-        writer.writerows({**r, **env} for r in rows)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# fidelity ({mode}) — {env['device']}, git {env['git']}, {env['date']}\n\n")
-        f.write(f"steps {cfg['steps']}, seq_len {cfg['seq_len']}, batch {cfg['batch']}, estimator {args.estimator}, "
-                f"tau {args.tau}, seeds {list(seeds)}. lm: bits per byte (lower is better); digits: accuracy.\n\n")
-        f.write("| task | arch | variant | seeds | metric (mean ± std) | final N | wall s / run |\n|---|---|---|---|---|---|---|\n")
-        for r in table:
-            f.write(f"| {r['task']} | {r['arch']} | {r['variant']} | {r['seeds']} | {r['metric_mean']:.4f} ± "
-                    f"{r['metric_std']:.4f} | {r['final_N']} | {r['wall_s_mean']} |\n")
-    plot(table, stem + ".png")
-    print(open(stem + ".md").read())
-    print(f"wrote {stem}.csv/.md/.png")
+                run_cell(task, arch, seed, cfg, args.estimator, args.tau, variants, emit)
+    write_report(emit.rows, stem, mode)
 
 
 if __name__ == "__main__":
