@@ -80,7 +80,7 @@ def evaluate(model, task, held_out, batch=8):
     return correct / len(ids)
 
 
-def train(model, train_set, cfg, seed, batch, config=None):
+def train(model, train_set, cfg, seed, batch, config=None, extra_callbacks=()):
     """Train in place; returns (wall seconds, the compression callback or None, the mean training loss
     over the first 10 % of the steps — the warm-up window in which the cuts happen)."""
     from transformers import PrinterCallback, Trainer, TrainingArguments, logging as hf_logging
@@ -92,7 +92,7 @@ def train(model, train_set, cfg, seed, batch, config=None):
         replace_mixers_(model, backend="auto")
     except TypeError:
         pass  # Mamba2 keeps transformers' SSD scan
-    callbacks = [TimingCallback(batch * len(train_set[0]["input_ids"]))]
+    callbacks = [TimingCallback(batch * len(train_set[0]["input_ids"])), *extra_callbacks]
     compressor = CompreSSMCallback(config) if config is not None else None
     if compressor:
         callbacks.insert(0, compressor)
