@@ -52,6 +52,10 @@ MODES = {
     "full": dict(tasks=("lm", "digits"), archs=("mamba", "mamba2"), seeds=(0, 1, 2), steps=400, seq_len=512,
                  train_bytes=2_000_000, eval_bytes=131_072, batch=dict(lm=4, digits=8), lr=1e-2, warmup=0.025),
 }
+# Ablations of b-rank's choices, run only when asked for (--variants): the investigation of why (b)
+# does or does not beat (c).  balanced: Mamba2 only.
+EXTRA_VARIANTS = {"b-rank-direct": dict(rank_path="direct"), "b-rank-ltv": dict(estimator="ltv"),
+                  "b-rank-diagonal": dict(importance="diagonal"), "b-rank-balanced": dict(reduction="balanced")}
 # Columns that describe the run (the same for every row of a task), so merged CSVs keep their set-up.
 SETUP = ("steps", "seq_len", "batch", "lr", "estimator", "tau", "threads")
 
@@ -144,6 +148,7 @@ def run_cell(task, arch, seed, cfg, estimator, tau, variants, emit):
         "b-tau": dict(base, mode="tolerance", tau=tau), "b-rank": base,
         "e-random": dict(base, keep="random"), "e-smallest": dict(base, keep="smallest"),
         "f-stable": dict(base, schedule="stable", stable_jaccard=0.9, stable_latest_fraction=0.5),
+        **{name: dict(base, **kw) for name, kw in EXTRA_VARIANTS.items()},
     }
     final_sizes = {}
     for variant, kw in compressed.items():
@@ -194,7 +199,8 @@ PAIRS = (("b-rank", "c-rank", "compress in training vs small from scratch"),
          ("b-rank", "e-random", "HSV-largest vs random states"),
          ("b-rank", "e-smallest", "HSV-largest vs least important"),
          ("f-stable", "b-rank", "stable schedule vs warm-up cuts"),
-         ("b-rank", "d", "in training vs post-hoc cut, no retraining"))
+         ("b-rank", "d", "in training vs post-hoc cut, no retraining"),
+         *((name, "c-rank", f"ablation {name} vs small from scratch") for name in EXTRA_VARIANTS))
 
 
 def paired(rows):
@@ -306,7 +312,8 @@ def main(argv=None):
     parser.add_argument("--estimator", default="mean_lti",
                         help="Gramian estimator (default mean_lti, the paper's surrogate: cheap at N=128 on a CPU)")
     parser.add_argument("--tau", type=float, default=0.05)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma list (default: all of a-f); ablations: {','.join(EXTRA_VARIANTS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="output stem (default bench/results/fidelity_<mode>)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="CSV",
@@ -332,6 +339,9 @@ def main(argv=None):
     archs = args.archs.split(",") if args.archs else cfg["archs"]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else cfg["seeds"]
     variants = set(args.variants.split(","))
+    unknown = variants - set(VARIANTS) - set(EXTRA_VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS + tuple(EXTRA_VARIANTS))}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     print(f"fidelity ({mode}): {env['device']}, git {env['git']}, steps {cfg['steps']}, estimator {args.estimator}, "
