@@ -97,7 +97,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--snapshots", default="10,20,40,100,200", help="steps to rank at (the final step is added)")
-    parser.add_argument("--estimators", default="mean_lti,frozen,ltv")
+    parser.add_argument("--estimators", default="mean_lti,ltv",
+                        help="comma list of mean_lti, ltv, frozen (frozen solves a Lyapunov equation per token: "
+                             "O(N³), tens of minutes at N=128 on a CPU)")
     parser.add_argument("--rules", default="balanced,diagonal")
     parser.add_argument("--rank", type=int, default=12)
     parser.add_argument("--calibration-batches", type=int, default=4)
