@@ -59,6 +59,42 @@ void check_shape(const Tensor& t, const char* op, const char* name, at::IntArray
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
+// Device, contiguity, dtype and shape of one named input, in that order.
+void check_tensor(const Tensor& t, const char* op, const char* name, const at::Device& device, at::ScalarType dtype,
+                  at::IntArrayRef shape) {
+  check_input(t, op, name, device);
+  check_dtype(t, op, name, dtype);
+  check_shape(t, op, name, shape);
+}
+
+void check_optional(const OptTensor& t, const char* op, const char* name, const at::Device& device,
+                    at::ScalarType dtype, at::IntArrayRef shape) {
+  if (t.has_value()) check_tensor(*t, op, name, device, dtype, shape);
+}
+
+struct SystemSizes {
+  int64_t N, ngroups;
+};
+
+// A (dim, N) float32 and B, C (batch, ngroups, N, L) in `dtype`: the system both ops read.
+SystemSizes check_system(const char* op, const at::Device& device, int64_t batch, int64_t dim, int64_t L,
+                         at::ScalarType dtype, const Tensor& A, const Tensor& B, const Tensor& C) {
+  check_input(A, op, "A", device);
+  check_dtype(A, op, "A", at::kFloat);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, op, ": A must be (dim=", dim, ", N), got shape ", A.sizes());
+  const int64_t N = A.size(1);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"B", B}, {"C", C}}) {
+    check_input(t, op, name, device);
+    check_dtype(t, op, name, dtype);
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == batch && t.size(2) == N && t.size(3) == L, op, ": ", name,
+                " must be (batch=", batch, ", ngroups, N=", N, ", L=", L, "), got shape ", t.sizes());
+  }
+  TORCH_CHECK(B.sizes() == C.sizes(), op, ": B and C must have one shape, got ", B.sizes(), " and ", C.sizes());
+  const int64_t ngroups = B.size(1);
+  TORCH_CHECK(ngroups >= 1 && dim % ngroups == 0, op, ": dim=", dim, " is not a multiple of ngroups=", ngroups);
+  return {N, ngroups};
+}
+
 void check_int_range(int64_t v, const char* op, const char* what, int64_t hi = INT_MAX) {
   TORCH_CHECK(v >= 0 && v <= hi, op, ": ", what, " = ", v, " is out of the supported range [0, ", hi, "]");
 }
@@ -94,35 +130,11 @@ void scan_params(const char* op, const Tensor& u, const Tensor& delta, const Ten
   check_input(delta, op, "delta", device);
   check_shape(delta, op, "delta", u.sizes());
   check_dtype(delta, op, "delta", u.scalar_type());
-  check_input(A, op, "A", device);
-  check_dtype(A, op, "A", at::kFloat);
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, op, ": A must be (dim=", dim, ", N), got shape ", A.sizes());
-  const int64_t N = A.size(1);
+  const auto [N, ngroups] = check_system(op, device, batch, dim, L, u.scalar_type(), A, B, C);
   TORCH_CHECK(N >= 1 && N <= kScanMaxNState, op, ": N (A.shape[1]) must be in [1, ", kScanMaxNState, "], got ", N);
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"B", B}, {"C", C}}) {
-    check_input(t, op, name, device);
-    check_dtype(t, op, name, u.scalar_type());
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == batch && t.size(2) == N && t.size(3) == L, op, ": ", name,
-                " must be (batch=", batch, ", ngroups, N=", N, ", L=", L, "), got shape ", t.sizes());
-  }
-  TORCH_CHECK(B.sizes() == C.sizes(), op, ": B and C must have one shape, got ", B.sizes(), " and ", C.sizes());
-  const int64_t ngroups = B.size(1);
-  TORCH_CHECK(ngroups >= 1 && dim % ngroups == 0, op, ": dim=", dim, " is not a multiple of ngroups=", ngroups);
-  if (D.has_value()) {
-    check_input(*D, op, "D", device);
-    check_dtype(*D, op, "D", at::kFloat);
-    check_shape(*D, op, "D", {dim});
-  }
-  if (z.has_value()) {
-    check_input(*z, op, "z", device);
-    check_shape(*z, op, "z", u.sizes());
-    check_dtype(*z, op, "z", u.scalar_type());
-  }
-  if (delta_bias.has_value()) {
-    check_input(*delta_bias, op, "delta_bias", device);
-    check_dtype(*delta_bias, op, "delta_bias", at::kFloat);
-    check_shape(*delta_bias, op, "delta_bias", {dim});
-  }
+  check_optional(D, op, "D", device, at::kFloat, {dim});
+  check_optional(z, op, "z", device, u.scalar_type(), u.sizes());
+  check_optional(delta_bias, op, "delta_bias", device, at::kFloat, {dim});
   // Grid: (channel blocks, ngroups, batch); element offsets are int64 inside the kernels.
   check_int_range(batch, op, "batch", 65535);
   check_int_range(ngroups, op, "ngroups", 65535);
@@ -185,12 +197,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selec
   SelectiveScanBwdParams p;
   scan_params(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, p);
   const int64_t batch = p.batch, dim = p.dim, N = p.dstate, n_chunks = p.n_chunks;
-  check_input(dout, op, "dout", u.device());
-  check_shape(dout, op, "dout", u.sizes());
-  check_dtype(dout, op, "dout", u.scalar_type());
-  check_input(checkpoints, op, "checkpoints", u.device());
-  check_dtype(checkpoints, op, "checkpoints", at::kFloat);
-  check_shape(checkpoints, op, "checkpoints", {batch, dim, n_chunks, N});
+  check_tensor(dout, op, "dout", u.device(), u.scalar_type(), u.sizes());
+  check_tensor(checkpoints, op, "checkpoints", u.device(), at::kFloat, {batch, dim, n_chunks, N});
 
   const c10::cuda::CUDAGuard device_guard(u.device());
   const auto f32 = u.options().dtype(at::kFloat);
@@ -241,29 +249,9 @@ std::tuple<Tensor, Tensor> gramian_sums(const Tensor& delta, const Tensor& A, co
   TORCH_CHECK(is_kernel_dtype(delta.scalar_type()), op, ": delta must be float32, float16 or bfloat16, got ",
               delta.scalar_type());
   const int64_t batch = delta.size(0), dim = delta.size(1), L = delta.size(2);
-  check_input(A, op, "A", device);
-  check_dtype(A, op, "A", at::kFloat);
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, op, ": A must be (dim=", dim, ", N), got shape ", A.sizes());
-  const int64_t N = A.size(1);
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"B", B}, {"C", C}}) {
-    check_input(t, op, name, device);
-    check_dtype(t, op, name, delta.scalar_type());
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == batch && t.size(2) == N && t.size(3) == L, op, ": ", name,
-                " must be (batch=", batch, ", ngroups, N=", N, ", L=", L, "), got shape ", t.sizes());
-  }
-  TORCH_CHECK(B.sizes() == C.sizes(), op, ": B and C must have one shape, got ", B.sizes(), " and ", C.sizes());
-  const int64_t ngroups = B.size(1);
-  TORCH_CHECK(ngroups >= 1 && dim % ngroups == 0, op, ": dim=", dim, " is not a multiple of ngroups=", ngroups);
-  if (delta_bias.has_value()) {
-    check_input(*delta_bias, op, "delta_bias", device);
-    check_dtype(*delta_bias, op, "delta_bias", at::kFloat);
-    check_shape(*delta_bias, op, "delta_bias", {dim});
-  }
-  if (mask.has_value()) {
-    check_input(*mask, op, "mask", device);
-    check_dtype(*mask, op, "mask", at::kBool);
-    check_shape(*mask, op, "mask", {batch, L});
-  }
+  const auto [N, ngroups] = check_system(op, device, batch, dim, L, delta.scalar_type(), A, B, C);
+  check_optional(delta_bias, op, "delta_bias", device, at::kFloat, {dim});
+  check_optional(mask, op, "mask", device, at::kBool, {batch, L});
   check_int_range(batch, op, "batch");
   check_int_range(dim, op, "dim");
   check_int_range(L, op, "L");

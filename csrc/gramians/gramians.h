@@ -11,6 +11,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "static_switch.h"
+
 // Output tile shapes with a compiled kernel, as (side of the N x N tile, side of each thread's
 // micro-tile), ascending by tile side.  N <= side picks the first that fits; larger N are tiled
 // with the last.  COMPRESSM_MAMBA_FAST_COMPILE_CHECK keeps only the last, the one with the most
@@ -23,18 +25,6 @@
 #define COMPRESSM_GRAM_FOR_EACH_TILE(X) COMPRESSM_GRAM_ALL_TILES(X)
 #endif
 
-#ifndef COMPRESSM_BOOL_SWITCH
-#define COMPRESSM_BOOL_SWITCH(COND, CONST_NAME, ...) \
-  [&] {                                              \
-    if (COND) {                                      \
-      constexpr bool CONST_NAME = true;              \
-      return __VA_ARGS__();                          \
-    } else {                                         \
-      constexpr bool CONST_NAME = false;             \
-      return __VA_ARGS__();                          \
-    }                                                \
-  }()
-#endif
 
 struct GramianParams {
   int batch = 0, dim = 0, seqlen = 0, dstate = 0, ngroups = 1, dim_per_group = 0;

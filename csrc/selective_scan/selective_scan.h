@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "static_switch.h"
+
 // Steps between two forward checkpoints; the backward recomputes states from them.  Fixed (not a
 // runtime argument) so that the checkpoint tensor's shape is a function of L alone, which the fake
 // (meta) implementation in compressm_mamba/ops/_cuda.py mirrors.
@@ -36,19 +38,6 @@ constexpr int kScanChunk = 64;
 #endif
 constexpr int kScanMaxNState = 256;
 
-// Runtime bool -> constexpr bool, for the switches that change a kernel's code (house style).
-#ifndef COMPRESSM_BOOL_SWITCH
-#define COMPRESSM_BOOL_SWITCH(COND, CONST_NAME, ...) \
-  [&] {                                              \
-    if (COND) {                                      \
-      constexpr bool CONST_NAME = true;              \
-      return __VA_ARGS__();                          \
-    } else {                                         \
-      constexpr bool CONST_NAME = false;             \
-      return __VA_ARGS__();                          \
-    }                                                \
-  }()
-#endif
 
 struct SelectiveScanFwdParams {
   int batch = 0, dim = 0, seqlen = 0, dstate = 0, ngroups = 1, dim_per_group = 0, n_chunks = 0;
