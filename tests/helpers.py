@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -107,3 +109,37 @@ def mamba2_reference_output(adapter, hidden):
         B.permute(0, 3, 1, 2).double(), C.permute(0, 3, 1, 2).double(), m.D.double(),
     )
     return m.out_proj(m.norm(y.reshape(batch, L, I).float(), z))
+
+
+def reference_scan_with_grads(inputs, dout, softplus):
+    """float64 reference scan on a kernel's (rounded) inputs: out, last state and autograd gradients.
+
+    inputs: the dict of ``selective_scan`` tensor arguments (None for absent ones); dout: like out.
+    """
+    from compressm_mamba.reference import selective_scan
+
+    x64 = {k: None if v is None else v.detach().cpu().double().requires_grad_() for k, v in inputs.items()}
+    out, last = selective_scan(**x64, delta_softplus=softplus, return_last_state=True)
+    (out * dout.detach().cpu().double()).sum().backward()
+    return out.detach(), last.detach(), {k: None if v is None else v.grad for k, v in x64.items()}
+
+
+def reference_checkpoints(inputs, softplus, chunk_size):
+    """The state before each chunk's first step: the reference's last state on the prefix before it.
+
+    Returns (batch, dim, ceil(L / chunk_size), N) float64 — the kernels' forward checkpoints.
+    """
+    from compressm_mamba.reference import selective_scan
+
+    batch, dim, L = inputs["u"].shape
+    N = inputs["A"].shape[1]
+    x64 = {k: None if v is None else v.detach().cpu().double() for k, v in inputs.items()}
+    ckpts = []
+    for c in range(math.ceil(L / chunk_size)):
+        t0 = c * chunk_size
+        if t0 == 0:
+            ckpts.append(torch.zeros(batch, dim, N, dtype=torch.float64))
+            continue
+        prefix = {k: v if v is None or k in ("A", "D", "delta_bias") else v[..., :t0] for k, v in x64.items()}
+        ckpts.append(selective_scan(**prefix, delta_softplus=softplus, return_last_state=True)[1])
+    return torch.stack(ckpts, dim=2) if ckpts else torch.zeros(batch, dim, 0, N, dtype=torch.float64)

@@ -18,7 +18,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, random_gramian_inputs, random_scan_inputs
+from helpers import (
+    assert_close,
+    random_gramian_inputs,
+    random_scan_inputs,
+    reference_checkpoints,
+    reference_scan_with_grads,
+)
 
 from compressm_mamba import ops
 from compressm_mamba.reference import selective_scan as reference_scan
@@ -92,28 +98,8 @@ def _scan_inputs(batch, dim, N, L, ngroups, dtype, *, with_D=True, with_z=True, 
             for k, v in x.items()}
 
 
-def _reference(inputs, dout, softplus):
-    """float64 reference on the kernel's inputs: out, last state and autograd gradients."""
-    x64 = {k: None if v is None else v.detach().cpu().double().requires_grad_() for k, v in inputs.items()}
-    out, last = reference_scan(**x64, delta_softplus=softplus, return_last_state=True)
-    (out * dout.detach().cpu().double()).sum().backward()
-    return out.detach(), last.detach(), {k: None if v is None else v.grad for k, v in x64.items()}
 
 
-def _reference_checkpoints(inputs, softplus):
-    """The state before each chunk's first step: the reference's last state on the prefix before it."""
-    batch, dim, L = inputs["u"].shape
-    N = inputs["A"].shape[1]
-    x64 = {k: None if v is None else v.detach().cpu().double() for k, v in inputs.items()}
-    ckpts = []
-    for c in range(math.ceil(L / CHUNK)):
-        t0 = c * CHUNK
-        if t0 == 0:
-            ckpts.append(torch.zeros(batch, dim, N, dtype=torch.float64))
-            continue
-        prefix = {k: v if v is None or k in ("A", "D", "delta_bias") else v[..., :t0] for k, v in x64.items()}
-        ckpts.append(reference_scan(**prefix, delta_softplus=softplus, return_last_state=True)[1])
-    return torch.stack(ckpts, dim=2) if ckpts else torch.zeros(batch, dim, 0, N, dtype=torch.float64)
 
 
 def _run_raw_ops(batch, dim, N, L, ngroups, dtype, softplus=True, seed=0, **opts):
@@ -126,10 +112,10 @@ def _run_raw_ops(batch, dim, N, L, ngroups, dtype, softplus=True, seed=0, **opts
     assert ckpts.shape == (batch, dim, math.ceil(L / CHUNK), N)
 
     dout = torch.randn(batch, dim, L, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    ref_out, ref_last, ref_grads = _reference(inputs, dout, softplus)
+    ref_out, ref_last, ref_grads = reference_scan_with_grads(inputs, dout, softplus)
     _check(out, ref_out, "out")
     _check(last_state, ref_last, "last_state")
-    _check(ckpts, _reference_checkpoints(inputs, softplus), "checkpoints")
+    _check(ckpts, reference_checkpoints(inputs, softplus, CHUNK), "checkpoints")
 
     grads = ops_.selective_scan_bwd(dout, *args, softplus, ckpts)
     for name, grad in zip(GRAD_NAMES, grads):
@@ -198,7 +184,7 @@ def test_ops_selective_scan_backend_cuda_with_autograd(dtype, grouped):
     assert out.dtype == dtype and last.dtype == torch.float32 and not last.requires_grad
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
     (out * dout).sum().backward()
-    ref_out, ref_last, ref_grads = _reference(x, dout, True)
+    ref_out, ref_last, ref_grads = reference_scan_with_grads(x, dout, True)
     _check(out, ref_out, "out")
     _check(last, ref_last, "last_state")
     for name, leaf in leaves.items():

@@ -14,9 +14,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, random_scan_inputs
+from helpers import assert_close, random_scan_inputs, reference_checkpoints, reference_scan_with_grads
 
-from compressm_mamba.reference import selective_scan
 
 pytestmark = pytest.mark.requires_triton
 
@@ -54,29 +53,8 @@ def _make_inputs(batch, dim, N, L, ngroups, dtype, bc_fp32, with_D, with_z, with
     return {k: None if v is None else v.to(device=DEVICE, dtype=dtypes[k]).contiguous() for k, v in x.items()}
 
 
-def _reference(inputs, dout, softplus):
-    """float64 reference on the kernel's (rounded) inputs: out, last state and autograd gradients."""
-    x64 = {k: None if v is None else v.detach().cpu().double().requires_grad_() for k, v in inputs.items()}
-    out, last = selective_scan(**x64, delta_softplus=softplus, return_last_state=True)
-    (out * dout.cpu().double()).sum().backward()
-    grads = {k: None if v is None else v.grad for k, v in x64.items()}
-    return out.detach(), last.detach(), grads
 
 
-def _reference_checkpoints(inputs, softplus, chunk_size):
-    """The state before each chunk's first step: the reference's last state on the prefix before it."""
-    batch, dim, L = inputs["u"].shape
-    N = inputs["A"].shape[1]
-    x64 = {k: None if v is None else v.detach().cpu().double() for k, v in inputs.items()}
-    ckpts = []
-    for c in range(math.ceil(L / chunk_size)):
-        t0 = c * chunk_size
-        if t0 == 0:
-            ckpts.append(torch.zeros(batch, dim, N, dtype=torch.float64))
-            continue
-        prefix = {k: v if v is None or k in ("A", "D", "delta_bias") else v[..., :t0] for k, v in x64.items()}
-        ckpts.append(selective_scan(**prefix, delta_softplus=softplus, return_last_state=True)[1])
-    return torch.stack(ckpts, dim=2) if ckpts else torch.zeros(batch, dim, 0, N, dtype=torch.float64)
 
 
 def _check(tensor, expected, name):
@@ -98,10 +76,10 @@ def _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, *, with_D=Tru
     assert ckpts.shape == (batch, dim, math.ceil(L / chunk_size), N)
 
     dout = torch.randn(batch, dim, L, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    ref_out, ref_last, ref_grads = _reference(inputs, dout, softplus)
+    ref_out, ref_last, ref_grads = reference_scan_with_grads(inputs, dout, softplus)
     _check(out, ref_out, "out")
     _check(last_state, ref_last, "last_state")
-    _check(ckpts, _reference_checkpoints(inputs, softplus, chunk_size), "checkpoints")
+    _check(ckpts, reference_checkpoints(inputs, softplus, chunk_size), "checkpoints")
 
     grads = kernels.selective_scan_bwd(dout, *args, softplus, ckpts, chunk_size, block_d=block_d, poison=True)
     for name, grad in zip(GRAD_NAMES, grads):
@@ -136,12 +114,12 @@ FP16_CASES = [
 
 
 @pytest.mark.parametrize("batch, dim, N, L, ngroups, chunk_size, opts", CPU_CASES)
-def test_fp32_matches_reference(batch, dim, N, L, ngroups, chunk_size, opts):
+def test_fp32_matchesreference_scan_with_grads(batch, dim, N, L, ngroups, chunk_size, opts):
     _run_and_compare(batch, dim, N, L, ngroups, chunk_size, torch.float32, **opts)
 
 
 @pytest.mark.parametrize("batch, dim, N, L, ngroups, chunk_size, opts", FP16_CASES)
-def test_fp16_matches_reference(batch, dim, N, L, ngroups, chunk_size, opts):
+def test_fp16_matchesreference_scan_with_grads(batch, dim, N, L, ngroups, chunk_size, opts):
     _run_and_compare(batch, dim, N, L, ngroups, chunk_size, torch.float16, **opts)
 
 
@@ -180,5 +158,5 @@ def test_poison_fills_outputs_with_nan(monkeypatch):
         pytest.param(2, 24, 13, 63, 4, 8, dict(bc_fp32=True, with_D=False), id="L63-N13-G4-BCfp32"),
     ],
 )
-def test_cuda_matches_reference(batch, dim, N, L, ngroups, chunk_size, opts, dtype):
+def test_cuda_matchesreference_scan_with_grads(batch, dim, N, L, ngroups, chunk_size, opts, dtype):
     _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, **opts)
