@@ -64,17 +64,19 @@ def model_from(weights, arch, seed):
     return model
 
 
-def kept_sets(model, calibration, estimator, rules, rank):
-    """{rule: {layer: (G, r) kept indices}} from one Gramian collection on ``model``."""
+def kept_sets(model, calibration, estimator, rank, choices):
+    """{label: {layer: (G, r) kept indices}} from one Gramian collection on ``model``.
+
+    choices: {label: CompressConfig fields beyond mode/rank/estimator}, e.g. {"diagonal":
+    {"importance": "diagonal"}, "random 0": {"keep": "random", "seed": 0}}.
+    """
     adapters = find_mixers(model)
     collector = GramianCollector(adapters, estimator)
     run_calibration(model, calibration, collector)
     gramians = collector.gramians()
-    out = {}
-    for rule in rules:
-        config = CompressConfig(mode="rank", rank=rank, estimator=estimator, importance=rule)
-        out[rule] = {d.name: d.kept for d in decide_cuts(adapters, gramians, config)}
-    return out
+    return {label: {d.name: d.kept for d in decide_cuts(adapters, gramians, CompressConfig(
+                mode="rank", rank=rank, estimator=estimator, **fields))}
+            for label, fields in choices.items()}
 
 
 def jaccard(a, b):
@@ -128,8 +130,9 @@ def main(argv=None):
                  bpb_final_cut=round(evaluate(final, "lm", held_out), 4))]
     print(rows[-1], flush=True)
     for estimator in estimators:
-        chosen = {s: kept_sets(model_from(snaps.taken[s], args.arch, args.seed), calibration, estimator, rules, args.rank)
-                  for s in steps}
+        rule_choices = {rule: dict(importance=rule) for rule in rules}
+        chosen = {s: kept_sets(model_from(snaps.taken[s], args.arch, args.seed), calibration, estimator, args.rank,
+                               rule_choices) for s in steps}
         for rule in rules:
             for s in steps:
                 bpb = evaluate(cut_copy(final, chosen[s][rule]), "lm", held_out)
@@ -137,23 +140,15 @@ def main(argv=None):
                                  jaccard_vs_final=round(jaccard(chosen[s][rule], chosen[args.steps][rule]), 3),
                                  bpb_final_cut=round(bpb, 4)))
                 print(rows[-1], flush=True)
-    # Ablations on the final model: random states (3 draws) and the least important (mean_lti, balanced).
-    N = find_mixers(final)[0].state_size
-    generator = torch.Generator().manual_seed(args.seed)
-    random_bpb = []
-    for _ in range(3):
-        kept = {a.name: torch.stack([torch.randperm(N, generator=generator)[: args.rank].sort().values
-                                     for _ in range(a.ngroups)]) for a in find_mixers(final)}
-        random_bpb.append(evaluate(cut_copy(final, kept), "lm", held_out))
+    # Ablations on the final model: random states (3 draws) and the least important (first estimator).
+    draws = [args.seed + k for k in range(3)]
+    ablations = kept_sets(final, calibration, estimators[0], args.rank,
+                          {"smallest": dict(keep="smallest"), **{f"random {k}": dict(keep="random", seed=k) for k in draws}})
+    random_bpb = [evaluate(cut_copy(final, ablations[f"random {k}"]), "lm", held_out) for k in draws]
     rows.append(dict(estimator="-", rule="random (3 draws)", step=args.steps, jaccard_vs_final="-",
                      bpb_final_cut=f"{statistics.mean(random_bpb):.4f} ± {statistics.stdev(random_bpb):.4f}"))
-    smallest = CompressConfig(mode="rank", rank=args.rank, estimator=estimators[0], keep="smallest")
-    adapters = find_mixers(final)
-    collector = GramianCollector(adapters, smallest.estimator)
-    run_calibration(final, calibration, collector)
-    kept = {d.name: d.kept for d in decide_cuts(adapters, collector.gramians(), smallest)}
     rows.append(dict(estimator=estimators[0], rule="smallest", step=args.steps, jaccard_vs_final="-",
-                     bpb_final_cut=round(evaluate(cut_copy(final, kept), "lm", held_out), 4)))
+                     bpb_final_cut=round(evaluate(cut_copy(final, ablations["smallest"]), "lm", held_out), 4)))
 
     stem = args.out or os.path.join(RESULTS, f"ranking_study_{args.arch}")
     import csv
