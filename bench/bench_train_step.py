@@ -42,8 +42,8 @@ def peak_memory_mb(device) -> float:
 def single(args) -> dict:
     """One configuration, in this process."""
     from compressm_mamba import CompressConfig, compress_, replace_mixers_
-    from compressm_mamba.collect import GramianCollector
-    from compressm_mamba.mixers import find_mixers
+    from compressm_mamba.cut.collect import GramianCollector
+    from compressm_mamba.models.adapters import find_mixers
 
     p = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -37,10 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, environment  # noqa: E402
 
 from compressm_mamba import CompressConfig, CompreSSMCallback, compress_  # noqa: E402
-from compressm_mamba.data import DIGITS_CLASS0, DIGITS_VOCAB, byte_lm_dataset, digits_dataset, stdlib_bytes  # noqa: E402
-from compressm_mamba.mixers import find_mixers  # noqa: E402
-from compressm_mamba.state_sizes import resize_to_  # noqa: E402
-from compressm_mamba.train import TimingCallback, build_model  # noqa: E402
+from compressm_mamba.app.data import DIGITS_CLASS0, DIGITS_VOCAB, byte_lm_dataset, digits_dataset, stdlib_bytes  # noqa: E402
+from compressm_mamba.models.adapters import find_mixers  # noqa: E402
+from compressm_mamba.cut.state_sizes import resize_to_  # noqa: E402
+from compressm_mamba.app.train import TimingCallback, build_model  # noqa: E402
 
 VARIANTS = ("a", "b-tau", "b-rank", "c-tau", "c-rank", "d", "e-random", "e-smallest", "f-stable")
 # lr 1e-2 with a 2.5 % warm-up: the byte LM is well below its unigram entropy (~3.4-3.5 bits per byte

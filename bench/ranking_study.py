@@ -33,11 +33,11 @@ from common import RESULTS, environment  # noqa: E402
 from fidelity import MODES, datasets_for, evaluate, train  # noqa: E402
 
 from compressm_mamba import CompressConfig, replace_mixers_  # noqa: E402
-from compressm_mamba.collect import GramianCollector  # noqa: E402
-from compressm_mamba.compress import decide_cuts, run_calibration  # noqa: E402
-from compressm_mamba.mixers import find_mixers  # noqa: E402
-from compressm_mamba.surgery import apply_cuts  # noqa: E402
-from compressm_mamba.train import build_model  # noqa: E402
+from compressm_mamba.cut.collect import GramianCollector  # noqa: E402
+from compressm_mamba.cut.compress import decide_cuts, run_calibration  # noqa: E402
+from compressm_mamba.models.adapters import find_mixers  # noqa: E402
+from compressm_mamba.cut.surgery import apply_cuts  # noqa: E402
+from compressm_mamba.app.train import build_model  # noqa: E402
 
 
 def snapshotter(steps):

@@ -16,9 +16,9 @@ and it never initialises CUDA.
 """
 
 from . import reference
-from .compress import CompressionReport, compress_
+from .cut.compress import CompressionReport, compress_
 from .config import CompressConfig
-from .state_sizes import from_pretrained
+from .cut.state_sizes import from_pretrained
 
 __version__ = "0.1.0"
 
@@ -37,11 +37,11 @@ __all__ = [
 def __getattr__(name):
     # These subclass transformers' classes: import transformers only when asked.
     if name == "CompreSSMCallback":
-        from .callback import CompreSSMCallback
+        from .training.callback import CompreSSMCallback
 
         return CompreSSMCallback
     if name == "replace_mixers_":
-        from .mamba_mixer import replace_mixers_
+        from .models.drop_in import replace_mixers_
 
         return replace_mixers_
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

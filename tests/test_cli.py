@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from compressm_mamba.cli import main  # noqa: E402
+from compressm_mamba.app.cli import main  # noqa: E402
 
 
 def run(args):

@@ -1,6 +1,6 @@
-"""The reference walk-through (python -m compressm_mamba.demo) runs end to end on stdlib bytes."""
+"""The reference walk-through (python -m compressm_mamba.app.demo) runs end to end on stdlib bytes."""
 
-from compressm_mamba.demo import main
+from compressm_mamba.app.demo import main
 
 
 def test_reference_demo_runs(capsys):

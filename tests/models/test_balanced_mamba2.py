@@ -5,10 +5,10 @@ import torch
 from helpers import assert_close, mamba2_reference_output, random_ids, tiny_mamba2
 
 import compressm_mamba as cm
-from compressm_mamba.balanced_mamba2 import group_balancing_maps, group_gramians, mixer_class
-from compressm_mamba.collect import GramianCollector
-from compressm_mamba.mixers import find_mixers
-from compressm_mamba.surgery import apply_cuts
+from compressm_mamba.models.balanced_mamba2 import group_balancing_maps, group_gramians, mixer_class
+from compressm_mamba.cut.collect import GramianCollector
+from compressm_mamba.models.adapters import find_mixers
+from compressm_mamba.cut.surgery import apply_cuts
 
 pytest.importorskip("transformers")
 

@@ -13,8 +13,8 @@ from datasets import Dataset  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import compressm_mamba as cm  # noqa: E402
-from compressm_mamba.callback import attempt_steps  # noqa: E402
-from compressm_mamba.mixers import find_mixers  # noqa: E402
+from compressm_mamba.training.callback import attempt_steps  # noqa: E402
+from compressm_mamba.models.adapters import find_mixers  # noqa: E402
 
 MODELS = {"mamba": tiny_mamba, "mamba2": tiny_mamba2}
 

@@ -7,12 +7,12 @@ import torch
 from helpers import assert_close, mamba2_reference_output, random_ids, tiny_mamba, tiny_mamba2
 
 import compressm_mamba as cm
-from compressm_mamba.collect import GramianCollector
-from compressm_mamba.compress import decide_cuts
-from compressm_mamba.mixers import CutPlan, ParamCut, find_mixers
+from compressm_mamba.cut.collect import GramianCollector
+from compressm_mamba.cut.compress import decide_cuts
+from compressm_mamba.models.adapters import CutPlan, ParamCut, find_mixers
 from compressm_mamba.reference import gramians, selective_scan
-from compressm_mamba.state_sizes import resize_to_
-from compressm_mamba.surgery import apply_cuts
+from compressm_mamba.cut.state_sizes import resize_to_
+from compressm_mamba.cut.surgery import apply_cuts
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,8 +8,8 @@ import torch
 from helpers import assert_close
 
 import compressm_mamba as cm
-from compressm_mamba.mixers import find_mixers
-from compressm_mamba.surgery import apply_cuts
+from compressm_mamba.models.adapters import find_mixers
+from compressm_mamba.cut.surgery import apply_cuts
 
 pytestmark = pytest.mark.requires_mamba_ssm
 
@@ -134,8 +134,8 @@ def test_mamba2_module_refuses_balanced(mamba_ssm):
     module = mamba2_module()
     hidden = torch.randn(2, 10, 32)
     (adapter,) = find_mixers(torch.nn.ModuleDict({"mixer": module}))
-    from compressm_mamba.collect import GramianCollector
-    from compressm_mamba.compress import decide_cuts, plans_for
+    from compressm_mamba.cut.collect import GramianCollector
+    from compressm_mamba.cut.compress import decide_cuts, plans_for
 
     collector = GramianCollector([adapter])
     collector.add(adapter, hidden)
@@ -147,7 +147,7 @@ def test_mamba2_module_refuses_balanced(mamba_ssm):
 
 def test_drop_in_mixer_for_mamba_ssm_equals_its_forward(mamba_ssm):
     from compressm_mamba import replace_mixers_
-    from compressm_mamba.mamba_mixer import mamba_ssm_mixer_class
+    from compressm_mamba.models.drop_in import mamba_ssm_mixer_class
 
     model = lm_head_model()
     ours = copy.deepcopy(model)

@@ -16,9 +16,9 @@ from helpers import random_ids, tiny_mamba
 
 import compressm_mamba as cm
 from compressm_mamba import persistence
-from compressm_mamba.mixers import find_mixers
+from compressm_mamba.models.adapters import find_mixers
 from compressm_mamba.persistence import recover, save_pretrained_atomic, save_tensors_atomic, write_json_atomic
-from compressm_mamba.state_sizes import load_safetensors_dir, resize_to_
+from compressm_mamba.cut.state_sizes import load_safetensors_dir, resize_to_
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,9 +15,9 @@ from datasets import Dataset  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import compressm_mamba as cm  # noqa: E402
-from compressm_mamba.callback import REPORTS_FILE, STATE_FILE  # noqa: E402
-from compressm_mamba.mixers import find_mixers  # noqa: E402
-from compressm_mamba.state_sizes import (  # noqa: E402
+from compressm_mamba.training.callback import REPORTS_FILE, STATE_FILE  # noqa: E402
+from compressm_mamba.models.adapters import find_mixers  # noqa: E402
+from compressm_mamba.cut.state_sizes import (  # noqa: E402
     resize_for_state_dict_,
     resize_to_checkpoint_,
     state_sizes_in_state_dict,
@@ -156,7 +156,7 @@ def test_balanced_checkpoint_sizes_are_read_from_the_state_dict(tmp_path):
 def test_load_state_dict_hook_leaves_larger_checkpoints_to_load_state_dict():
     big, small = MODELS["mamba"](), MODELS["mamba"]()
     cm.compress_(small, cm.CompressConfig(mode="rank", rank=3), [random_ids()])
-    from compressm_mamba.state_sizes import resize_on_load
+    from compressm_mamba.cut.state_sizes import resize_on_load
 
     handle = resize_on_load(small)
     with pytest.raises(RuntimeError, match="size mismatch"):  # a cut cannot be undone by loading

@@ -88,7 +88,7 @@ def all_reduce_statistics(stats: dict, adapters: list, estimator: str) -> dict:
     devices the local sums were on; layers no rank saw are left out (``GramianCollector.gramians``
     then names them).  Every rank must call this at the same point: it is one collective.
     """
-    from .reference.gramians import GramianStatistics
+    from ..reference.gramians import GramianStatistics
 
     if not is_distributed():
         return dict(stats)

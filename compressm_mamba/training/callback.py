@@ -48,13 +48,13 @@ import torch
 from transformers import TrainerCallback
 
 from . import distributed
-from .collect import GramianCollector
-from .compress import CompressionReport, LayerDecision, decide_cuts, plans_for
-from .config import CompressConfig
-from .mixers import find_mixers
-from .persistence import save_tensors_atomic, write_json_atomic
-from .state_sizes import record_state_sizes, resize_on_load
-from .surgery import apply_cuts
+from ..cut.collect import GramianCollector
+from ..cut.compress import CompressionReport, LayerDecision, decide_cuts, plans_for
+from ..config import CompressConfig
+from ..models.adapters import find_mixers
+from ..persistence import save_tensors_atomic, write_json_atomic
+from ..cut.state_sizes import record_state_sizes, resize_on_load
+from ..cut.surgery import apply_cuts
 
 __all__ = ["CompreSSMCallback", "attempt_steps", "STATE_FILE", "REPORTS_FILE"]
 

@@ -111,12 +111,12 @@ def finetune(
     """
     from transformers import Trainer, TrainingArguments, logging as hf_logging
 
-    from .callback import CompreSSMCallback
+    from ..training.callback import CompreSSMCallback
     from .data import DIGITS_VOCAB, load_dataset_spec
-    from .mamba_mixer import replace_mixers_
-    from .mixers import find_mixers
-    from .persistence import save_pretrained_atomic, write_json_atomic
-    from .state_sizes import from_pretrained
+    from ..models.drop_in import replace_mixers_
+    from ..models.adapters import find_mixers
+    from ..persistence import save_pretrained_atomic, write_json_atomic
+    from ..cut.state_sizes import from_pretrained
 
     hf_logging.set_verbosity_error()
     dataset = load_dataset_spec(data, seq_len, max_bytes=max_bytes)
@@ -132,7 +132,7 @@ def finetune(
     try:
         replace_mixers_(model, backend=backend)
     except TypeError:
-        pass  # Mamba2: transformers' own SSD scan (see compressm_mamba.mamba_mixer)
+        pass  # Mamba2: transformers' own SSD scan (see compressm_mamba.models.drop_in)
 
     tokens_per_step = batch_size * len(dataset[0]["input_ids"])
     timing = TimingCallback(tokens_per_step)

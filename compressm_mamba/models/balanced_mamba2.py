@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .reference.balancing import balanced_transform
+from ..reference.balancing import balanced_transform
 
 __all__ = ["group_gramians", "group_balancing_maps", "mixer_class"]
 

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .mixers import find_mixers
+from ..models.adapters import find_mixers
 from .surgery import apply_cuts
 
 __all__ = [

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .balanced_mamba2 import group_balancing_maps, group_gramians
+from ..models.balanced_mamba2 import group_balancing_maps, group_gramians
 from .collect import GramianCollector
-from .config import CompressConfig
-from .mixers import find_mixers
-from .reference.balancing import hankel_singular_values
-from .reference.selection import choose_rank, select_states, state_importance
+from ..config import CompressConfig
+from ..models.adapters import find_mixers
+from ..reference.balancing import hankel_singular_values
+from ..reference.selection import choose_rank, select_states, state_importance
 from .state_sizes import record_state_sizes
 from .surgery import apply_cuts
 
@@ -101,7 +101,7 @@ class CompressionReport:
 
     def save(self, path: str) -> str:
         """Write ``to_dict()`` as JSON, atomically (a crash leaves any previous file intact)."""
-        from .persistence import write_json_atomic
+        from ..persistence import write_json_atomic
 
         return write_json_atomic(self.to_dict(), path)
 

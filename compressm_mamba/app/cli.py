@@ -32,7 +32,7 @@ def _config_args(parser):
 
 
 def _config(args, **extra):
-    from .config import CompressConfig
+    from ..config import CompressConfig
 
     return CompressConfig(mode=args.mode, tau=args.tau, rank=args.rank, fraction=args.fraction,
                           estimator=args.estimator, importance=args.importance, keep=args.keep,
@@ -99,12 +99,12 @@ def summary(report: dict, plots: list, out: str) -> str:
 
 
 def cmd_compress(args) -> int:
-    from .compress import compress_
-    from .state_sizes import from_pretrained
+    from ..cut.compress import compress_
+    from ..cut.state_sizes import from_pretrained
 
     model = from_pretrained(args.checkpoint)
     report = compress_(model, _config(args), _calibration(args.data, args.seq_len, args.batches, args.batch_size))
-    from .persistence import save_pretrained_atomic
+    from ..persistence import save_pretrained_atomic
 
     print(report)
     save_pretrained_atomic(model, args.out)
@@ -113,11 +113,11 @@ def cmd_compress(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .collect import GramianCollector
-    from .compress import decide_cuts, run_calibration
-    from .mixers import find_mixers
+    from ..cut.collect import GramianCollector
+    from ..cut.compress import decide_cuts, run_calibration
+    from ..models.adapters import find_mixers
     from .plots import plot_spectra_table
-    from .state_sizes import from_pretrained
+    from ..cut.state_sizes import from_pretrained
 
     model = from_pretrained(args.checkpoint)
     adapters = find_mixers(model)

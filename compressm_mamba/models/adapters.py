@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _optional
+from .. import _optional
 
 __all__ = [
     "MixerAdapter",
@@ -321,7 +321,7 @@ def _adapter_factories():
     pairs = []
     hf = _optional.hf_mixer_classes()
     if "MambaMixer" in hf:
-        from .mamba_mixer import mixer_class as drop_in_class
+        from .drop_in import mixer_class as drop_in_class
 
         hf_mamba1 = lambda n, m: Mamba1Adapter(n, m, "ssm_state_size", "time_step_rank")  # noqa: E731
         pairs.append((hf["MambaMixer"], hf_mamba1))
@@ -334,7 +334,7 @@ def _adapter_factories():
         pairs.append((mixer_class(), Mamba2Adapter))
     mamba_cls = _optional.mamba_ssm_class("mamba_ssm.modules.mamba_simple", "Mamba")
     if mamba_cls is not None:
-        from .mamba_mixer import mamba_ssm_mixer_class
+        from .drop_in import mamba_ssm_mixer_class
 
         ssm_mamba1 = lambda n, m: Mamba1Adapter(n, m, "d_state", "dt_rank")  # noqa: E731
         pairs.append((mamba_cls, ssm_mamba1))

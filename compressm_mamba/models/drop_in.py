@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _optional
-from .ops.selective_scan import BACKENDS, selective_scan
+from .. import _optional
+from ..ops.selective_scan import BACKENDS, selective_scan
 
 __all__ = ["mixer_class", "mamba_ssm_mixer_class", "replace_mixers_"]
 

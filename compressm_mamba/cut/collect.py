@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops.gramians import gramian_sums
-from .reference.gramians import GramianStatistics, gramians_from_statistics
+from ..ops.gramians import gramian_sums
+from ..reference.gramians import GramianStatistics, gramians_from_statistics
 
 __all__ = ["GramianCollector"]
 
@@ -113,7 +113,7 @@ class GramianCollector:
 
     def all_reduce(self) -> "GramianCollector":
         """Replace this rank's statistics by their sums over all ranks (a collective; no-op in one process)."""
-        from .distributed import all_reduce_statistics
+        from ..training.distributed import all_reduce_statistics
 
         self.stats = all_reduce_statistics(self.stats, self.adapters, self.estimator)
         return self

@@ -1,6 +1,6 @@
 """The smallest end-to-end run of the reference method, on real text that ships offline.
 
-``python -m compressm_mamba.demo`` (a walk-through of the float64 reference; ``make demo`` runs the
+``python -m compressm_mamba.app.demo`` (a walk-through of the float64 reference; ``make demo`` runs the
 training job, ``compressm-mamba finetune``):
 
 1. A Mamba1-style selective SSM block (Mamba's initialisation: A = −[1..N] per channel, dt in
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from . import reference as ref
+from .. import reference as ref
 from .data import stdlib_bytes
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .mixers import CutPlan
+from ..models.adapters import CutPlan
 
 __all__ = ["apply_cuts", "AppliedCuts", "unwrap_optimizer"]
 

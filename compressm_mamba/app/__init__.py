@@ -1,0 +1,1 @@
+"""The application: command line, fine-tuning, demo, data and plots."""

@@ -1,0 +1,1 @@
+"""The cut pipeline: collect Gramians -> decide (HSVs, ranks) -> surgery -> recorded state sizes."""

@@ -1,0 +1,1 @@
+"""Training integration: the Trainer callback and data parallelism."""
