@@ -27,6 +27,7 @@ _POISON_ENV = "COMPRESSM_MAMBA_POISON"
 # Elements of one program's (BLOCK_D, BLOCK_N) state tile: large enough to amortise the per-program
 # loads of x/dt/z, small enough that a small batch still spreads over many programs.
 _TILE_ELEMENTS = 2048
+_MIN_PROGRAMS = 256
 
 
 @triton.jit
@@ -103,6 +104,10 @@ def selective_state_update_fwd(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
         return out
     block_n = max(2, triton.next_power_of_2(N))
     block_d = min(128, max(4, _TILE_ELEMENTS // block_n))
+    # At generation's small batches a few big tiles would leave most SMs idle: shrink the tile until
+    # there are about two programs per SM of a large GPU (the per-program fixed cost is a few loads).
+    while block_d > 4 and batch * triton.cdiv(dim, block_d) < _MIN_PROGRAMS:
+        block_d //= 2
     grid = (triton.cdiv(dim, block_d), batch)
     _selective_state_update_kernel[grid](
         state, x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
