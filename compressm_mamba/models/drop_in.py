@@ -95,10 +95,15 @@ class _DropInScan:
             dt = F.softplus(delta.float() + self.dt_proj.bias.float()[:, None])
             self.gramian_sink(dt, A, B[:, None].float(), C[:, None].float(), attention_mask)
 
+    def _maybe_feed(self, delta, A, B, C, attention_mask, cached: bool):
+        """Hand (delta, A, B, C) to an attached Gramian sink.  As with the collector's hooks, a
+        single-token forward with a cache is a generation step, not calibration data."""
+        if self.gramian_sink is not None and not (cached and delta.shape[-1] <= 1):
+            self._feed_sink(delta, A, B, C, attention_mask)
+
     def _scan(self, u, z, delta, A, B, C, attention_mask, return_last_state=False):
         """``ops.selective_scan`` of this layer (feeding the Gramian sink first when one is attached)."""
-        if self.gramian_sink is not None:
-            self._feed_sink(delta, A, B, C, attention_mask)
+        self._maybe_feed(delta, A, B, C, attention_mask, cached=return_last_state)
         self.last_state_size = A.shape[1]
         return selective_scan(u, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), True,
                               return_last_state=return_last_state, backend=self.scan_backend)
@@ -140,7 +145,9 @@ class _DropInScan:
         """Tokens x, z (batch, d_inner, L) after a cached prefix: conv steps on conv_state, then state steps."""
         conv = torch.stack([self._conv_step(x[..., t], conv_state) for t in range(x.shape[-1])], dim=-1)
         u, delta, B, C = self._ssm_inputs(conv, None)
-        return self._state_steps(u, z, delta, self._A(), B, C, ssm_state)
+        A = self._A()
+        self._maybe_feed(delta, A, B, C, None, cached=True)
+        return self._state_steps(u, z, delta, A, B, C, ssm_state)
 
     def _hf_cached_forward(self, hidden_states, cache, attention_mask):
         """transformers' cache protocol (through compat): prefill by scan, decode by state update."""
@@ -156,6 +163,7 @@ class _DropInScan:
             conv = self._conv(compat.cache_update_conv_state(cache, x, self.layer_idx, self.conv_kernel_size), L)
             u, delta, B, C = self._ssm_inputs(conv, attention_mask)
             if ssm_state is not None:
+                self._maybe_feed(delta, self._A(), B, C, attention_mask, cached=True)
                 y = self._state_steps(u, z, delta, self._A(), B, C, ssm_state)
             else:
                 y, last_state = self._scan(u, z, delta, self._A(), B, C, attention_mask, return_last_state=True)

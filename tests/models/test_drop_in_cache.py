@@ -209,3 +209,18 @@ def test_mamba_ssm_module_prefill_and_steps_equal_its_full_forward():
             params.seqlen_offset = t
             outs.append(mixer(hidden[:, t:t + 1], inference_params=params))
     assert_close(torch.cat(outs, 1), whole, rtol=1e-4, atol=1e-5, name="out")
+
+
+def test_gramian_sink_sees_prefills_and_chunks_but_not_generation_steps():
+    """Like the collector's hooks: every multi-token forward is calibration data, a cached one-token step is not."""
+    _, ours = pair()
+    seen = []
+    mixer = ours.backbone.layers[0].mixer
+    mixer.gramian_sink = lambda delta, A, B, C, mask: seen.append(delta.shape[-1])
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        cache = ours(ids[:, :6], use_cache=True).cache_params  # prefill: 6
+        ours(ids[:, 6:7], cache_params=cache, use_cache=True)  # generation step: not seen
+        ours(ids[:, 7:], cache_params=cache, use_cache=True)  # a 5-token chunk after a prefix: 5
+        ours(ids[:, :3], use_cache=False)  # no cache: 3
+    assert seen == [6, 5, 3]
