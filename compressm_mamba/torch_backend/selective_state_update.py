@@ -28,25 +28,26 @@ def selective_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=
     N = A.shape[1]
     G = 1 if B.dim() == 2 else B.shape[1]
     cdt = _compute_dtype(x.dtype)
-    x_c = x.to(cdt)
-    dt_c = dt.to(cdt) if dt_bias is None else dt.to(cdt) + dt_bias.to(cdt)
+    as_c = lambda t: t if t.dtype == cdt else t.to(cdt)  # noqa: E731  (a no-op .to still costs a dispatch)
+    x_c = as_c(x)
+    dt_c = as_c(dt) if dt_bias is None else as_c(dt) + as_c(dt_bias)
     if dt_softplus:
         dt_c = F.softplus(dt_c)
-    decay = torch.exp(dt_c.unsqueeze(-1) * A.to(cdt))  # (batch, dim, N)
+    decay = torch.mul(dt_c.unsqueeze(-1), as_c(A)).exp_()  # (batch, dim, N)
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias))
     in_place = not needs_graph and state.dtype == cdt and state.is_contiguous()
     # Out of place, the previous state is copied: autograd keeps it for d(decay), and it is overwritten below.
     h = state.mul_(decay) if in_place else decay * state.detach().to(cdt, copy=True)
-    inject = (dt_c * x_c).view(batch, G, dim // G, 1) * B.to(cdt).view(batch, G, 1, N)
+    dtx = (dt_c * x_c).view(batch, G, dim // G, 1)
     if in_place:
-        h.view(batch, G, dim // G, N).add_(inject)
+        h.view(batch, G, dim // G, N).addcmul_(dtx, as_c(B).view(batch, G, 1, N))
     else:
-        h = (h.view(batch, G, dim // G, N) + inject).view(batch, dim, N)
+        h = torch.addcmul(h.view(batch, G, dim // G, N), dtx, as_c(B).view(batch, G, 1, N)).view(batch, dim, N)
         state.copy_(h.detach())
-    y = torch.matmul(h.view(batch, G, dim // G, N), C.to(cdt).view(batch, G, N, 1)).view(batch, dim)
+    y = torch.matmul(h.view(batch, G, dim // G, N), as_c(C).view(batch, G, N, 1)).view(batch, dim)
     if D is not None:
-        y = y + D.to(cdt) * x_c
+        y = torch.addcmul(y, as_c(D), x_c)
     if z is not None:
-        y = y * F.silu(z.to(cdt))
-    return y.to(x.dtype)
+        y = y * F.silu(as_c(z))
+    return y if y.dtype == x.dtype else y.to(x.dtype)
