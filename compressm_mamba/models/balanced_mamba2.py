@@ -18,6 +18,7 @@ import functools
 
 import torch
 
+from .. import compat
 from ..reference.balancing import balanced_transform
 
 __all__ = ["group_gramians", "group_balancing_maps", "mixer_class"]
@@ -69,9 +70,9 @@ def mixer_class():
             N, r = self.full_state_size, self.ssm_state_size
             conv_state = recurrent_state = None
             if cache_params is not None:
-                conv_state = cache_params.get_conv_state(self.layer_idx, state_idx=0)
-                recurrent_state = cache_params.get_recurrent_state(self.layer_idx, state_idx=0)
-            one_token = conv_state is not None and L == 1 and not cache_params.is_recording_past(self.layer_idx)
+                conv_state, recurrent_state = compat.cache_states(cache_params, self.layer_idx)
+            one_token = conv_state is not None and L == 1 and not compat.cache_is_recording_past(
+                cache_params, self.layer_idx)
 
             hidden_states = hf.apply_mask_to_padding_states(hidden_states, attention_mask)
             z, xBC, dt = self.in_proj(hidden_states).split([I, self.conv_dim, H], dim=-1)
@@ -81,7 +82,7 @@ def mixer_class():
                 xBC = hf.causal_conv1d_update(xBC, conv_state, weight, bias, activation=self.activation)
             else:
                 if cache_params is not None:
-                    xBC = cache_params.update_conv_state(xBC, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+                    xBC = compat.cache_update_conv_state(cache_params, xBC, self.layer_idx, self.conv_kernel_size)
                 xBC = hf.causal_conv1d_fn(xBC, weight, bias, activation=self.activation)
                 if cache_params is not None:
                     xBC = xBC[:, :, -L:]
@@ -104,7 +105,7 @@ def mixer_class():
                 )
                 if cache_params is not None:
                     result, final_state = result
-                    cache_params.update_recurrent_state(final_state, layer_idx=self.layer_idx)
+                    compat.cache_update_recurrent_state(cache_params, final_state, self.layer_idx)
                 y = result.reshape(batch, L, -1)
             return self.out_proj(self.norm(y, z).to(hidden_states.dtype))
 

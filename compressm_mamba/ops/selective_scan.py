@@ -124,6 +124,15 @@ def selective_scan(
     D, delta_bias: (dim,).  Returns out (batch, dim, L) in u's dtype [and the last state
     (batch, dim, N) in float32, not differentiable].  Differentiable in u, delta, A, B, C, D, z and
     delta_bias on every backend.  ``backend``: see the module docstring.
+
+    Where it differs from ``selective_scan_fn``: B and C must vary over time.  mamba_ssm also
+    accepts a time-invariant (dim, N) B or C; every backend here refuses it with a ValueError
+    (validation runs before the backend is chosen) — the same system is
+    ``B[None, :, :, None].expand(batch, dim, N, L)`` (ngroups = dim).  A is real: complex A (and
+    complex B/C, mamba_ssm's S4D-complex variant) is out of scope: a complex tensor is refused
+    with a TypeError naming the argument.
+    The last state is the state after the final step, as mamba_ssm returns it; there is no initial
+    state argument (a cached continuation goes through ``ops.selective_state_update``).
     """
     N = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     chosen = resolve_backend(backend, u.device, N)

@@ -2,7 +2,8 @@
 
 Float64-capable, any device, loops allowed: kernels and model code are checked against it.
 
-Scans       ``selective_scan`` (mamba_ssm's selective_scan_fn layout), ``selective_scan_mamba2``.
+Scans       ``selective_scan`` (mamba_ssm's selective_scan_fn layout), ``selective_scan_mamba2``;
+            ``selective_state_update`` (one decode step of the Mamba1 scan).
 Gramians    ``gramians`` for the estimators ``mean_lti``, ``frozen``, ``ltv``; ``gramian_statistics``
             / ``gramians_from_statistics`` for accumulation over batches.
 HSVs        ``hankel_singular_values``, ``balanced_transform`` (square-root method, float64).
@@ -21,10 +22,12 @@ from .selection import (
     state_importance,
 )
 from .selective_scan import selective_scan, selective_scan_mamba2
+from .selective_state_update import selective_state_update
 
 __all__ = [
     "selective_scan",
     "selective_scan_mamba2",
+    "selective_state_update",
     "ESTIMATORS",
     "GramianStatistics",
     "gramian_statistics",

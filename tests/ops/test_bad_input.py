@@ -124,6 +124,27 @@ def test_gramians_shapes_name_the_argument(name, shape, match):
         ops.gramians(**x)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "cuda"])
+@pytest.mark.parametrize("name", ["B", "C"])
+def test_time_invariant_B_or_C_is_refused_on_every_backend(name, backend):
+    """mamba_ssm accepts a (dim, N) B/C constant over time; ops.selective_scan refuses it (validation
+    comes before the backend is chosen, so every backend says the same) and names the equivalent."""
+    x = scan_inputs()
+    dim, N = x["A"].shape
+    x[name] = torch.randn(dim, N)
+    with pytest.raises(ValueError, match=rf"{name} of shape \(dim={dim}, N={N}\) \(constant over time\) is not supported"):
+        ops.selective_scan(**x, backend=backend)
+    with pytest.raises(ValueError, match="constant over time"):
+        reference_scan(**x)
+
+
+def test_complex_A_is_out_of_scope_and_refused():
+    x = scan_inputs()
+    x["A"] = x["A"].to(torch.complex64)
+    with pytest.raises(TypeError, match="A must be a floating-point tensor, got torch.complex64"):
+        ops.selective_scan(**x)
+
+
 def test_unknown_backend_and_estimator_are_named():
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.selective_scan(**scan_inputs(), backend="fast")
