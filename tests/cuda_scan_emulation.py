@@ -34,7 +34,7 @@ def kernel_layout(N: int, threads: int = 128) -> dict:
     backward sub-tile: selective_scan.h's scan_kernel_nstate / scan_lanes_per_channel and ScanTraits."""
     sizes = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
     k = next(s for s in sizes if N <= s)
-    lanes = 1
+    lanes = 2
     while lanes < 32 and k % (2 * lanes) == 0 and k // (2 * lanes) >= 6:
         lanes *= 2
     return dict(kernel_n=k, lanes=lanes, states=k // lanes, chans=threads // lanes, sub=4 if k >= 256 else 8)

@@ -96,7 +96,12 @@ struct ScanTraits {
   static constexpr int kSubTiles = kScanChunk / kBwdT;
   static_assert(kLanes <= 32 && (kLanes & (kLanes - 1)) == 0, "lanes per channel must be a power of two <= 32");
   static_assert(kNState % kLanes == 0 && kStates >= 1 && kStates <= 8, "bad state split");
-  static_assert(kStates % 2 == 0 || kStates == 1, "a thread's states are read as float2 / float4");
+  // Keep the sub-tile's decay factors in registers too (one exp2 less per element-state in the
+  // backward) where they fit without lowering occupancy: kStates * kBwdT <= 16 (N <= 8).
+  static constexpr bool kBwdKeepA = kStates * kBwdT <= 16;
+  // Backward blocks per SM the register allocation must allow (<= 168 registers): the grid has at
+  // most B * G * 48 blocks at the reference shape (the slot bound, 384 at (8, 1)), 2.9 per SM.
+  static constexpr int kBwdMinBlocks = 3;
   static_assert(kFwdT >= kVec && kScanChunk % kFwdT == 0 && kScanChunk % kBwdT == 0 && kBwdT % kVec == 0,
                 "tiles must be whole vectors and divide the checkpoint chunk");
 };
@@ -111,8 +116,8 @@ constexpr int fwd_smem_words() {
 template <int kNState>
 constexpr int bwd_smem_words() {
   using T = ScanTraits<kNState>;
-  return 6 * T::kChans * (T::kBwdT + 1) + 2 * T::kBwdT * T::kBP + 2 * T::kWarps * T::kBwdT * kNState +
-         4 * T::kThreads;
+  return 4 * T::kChans * (T::kBwdT + 1) + 2 * T::kChans * (kScanChunk + 1) + 2 * T::kBwdT * T::kBP +
+         2 * T::kWarps * T::kBwdT * kNState + 2 * T::kThreads;
 }
 #define COMPRESSM_SCAN_CHECK_SMEM(K)                                                          \
   static_assert(4 * fwd_smem_words<K>() <= 48 * 1024 && 4 * bwd_smem_words<K>() <= 48 * 1024, \
@@ -423,26 +428,27 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_fwd_kernel(const 
 }
 
 template <int kNState, bool kHasZ, typename input_t>
-__global__ void __launch_bounds__(kScanThreads, 4) selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
+__global__ void __launch_bounds__(kScanThreads, ScanTraits<kNState>::kBwdMinBlocks) selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
   using Traits = ScanTraits<kNState>;
   constexpr int kLanes = Traits::kLanes, kStates = Traits::kStates, kChans = Traits::kChans;
   constexpr int kWarps = Traits::kWarps, kThreads = Traits::kThreads;
   constexpr int kT = Traits::kBwdT, kCP = kT + 1, kBP = Traits::kBP, kVecs = kT / kVec;
+  constexpr int kCPc = kScanChunk + 1;  // pitch of the chunk-wide dt / dt u tiles
   constexpr int kOut = scatter_size(kStates, kLanes);
-  // Vectors of the channel tile per thread in the write-back (N = 4 and 8: 256 vectors, 2 each).
-  constexpr int kIters = (kChans * kVecs + kThreads - 1) / kThreads;
+  constexpr bool kKeepA = Traits::kBwdKeepA;
+  static_assert(kChans * kVecs <= kThreads, "one write-back vector per thread");
 
-  __shared__ float s_dt[kChans * kCP];
-  __shared__ float s_dtu[kChans * kCP];
-  __shared__ float s_dy[kChans * kCP];
-  __shared__ float s_y[kChans * kCP];    // y - D u of the step (kHasZ: dz needs it)
-  __shared__ float s_gB[kChans * kCP];   // <g, B>
-  __shared__ float s_gAh[kChans * kCP];  // sum_n g a h_{t-1} A2 (log2 units)
+  __shared__ float s_dtc[kChans * kCPc];   // dt of the chunk (staged once per chunk, read by both passes)
+  __shared__ float s_dtuc[kChans * kCPc];  // dt u of the chunk
+  __shared__ float s_dy[kChans * kCP];     // dy = dout silu(z) of the sub-tile
+  __shared__ float s_y[kChans * kCP];      // y - D u of the step (kHasZ: dz needs it)
+  __shared__ float s_gB[kChans * kCP];     // <g, B>
+  __shared__ float s_gAh[kChans * kCP];    // sum_n g a h_{t-1} A2 (log2 units)
   __shared__ __align__(16) float s_B[kT * kBP];
   __shared__ __align__(16) float s_C[kT * kBP];
   __shared__ float s_dB[kWarps * kT * kNState];  // [warp][step][state]: each warp's channel sums
   __shared__ float s_dC[kWarps * kT * kNState];
-  __shared__ float s_acc[2 * 2 * kThreads];  // dD / ddelta_bias per write-back vector, at slice end
+  __shared__ float s_acc[2 * kThreads];  // dD / ddelta_bias per write-back vector, at slice end
 
   const int L = p.seqlen, N = p.dstate, slot = blockIdx.x;
   const int warp = threadIdx.x / 32;
@@ -455,7 +461,10 @@ __global__ void __launch_bounds__(kScanThreads, 4) selective_scan_bwd_kernel(con
   input_t* dz_out = static_cast<input_t*>(p.dz_ptr);
   const int64_t part_plane =
       ((static_cast<int64_t>(blockIdx.z) * p.ngroups + blockIdx.y) * p.n_slots + slot) * L * N;
-  static_assert(kIters <= 2, "s_acc holds two write-back vectors per thread");
+  // The write-back role: thread i < kChans * kVecs owns vector (i % kVecs) of channel i / kVecs of
+  // every sub-tile; it stages that vector's dy and later writes its du / ddelta / dz.
+  const int wb_c = threadIdx.x / kVecs, wb_v = (threadIdx.x % kVecs) * kVec;
+  const bool wb_thread = threadIdx.x < kChans * kVecs;
 
   for (int slice = slot; slice < p.n_slices; slice += p.n_slots) {
     const bool first_slice = slice == slot;
@@ -463,19 +472,26 @@ __global__ void __launch_bounds__(kScanThreads, 4) selective_scan_bwd_kernel(con
     const int n0 = co.lane * kStates;
     float A2[kStates];
     load_A2<Traits>(p, co, A2);
+    const int wb_j = co.j0 + wb_c;
+    const bool wb_ok = wb_thread && wb_j < p.dim_per_group;
+    const int wb_d = co.g * p.dim_per_group + wb_j;
+    const float wb_D = (wb_ok && p.has_D) ? p.D_ptr[wb_d] : 0.f;
+    const float wb_bias = (wb_ok && p.has_delta_bias) ? p.delta_bias_ptr[wb_d] : 0.f;
 
     float g_carry[kStates], dA_acc[kStates];
 #pragma unroll
     for (int k = 0; k < kStates; ++k) g_carry[k] = dA_acc[k] = 0.f;
-    float dD_acc[kIters], dbias_acc[kIters];
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) dD_acc[it] = dbias_acc[it] = 0.f;
+    float dD_acc = 0.f, dbias_acc = 0.f;
     // State at the start of each sub-tile of the current chunk (dynamically indexed: local memory).
     float sub_h[Traits::kSubTiles][kStates];
 
     for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
       const int tc0 = chunk * kScanChunk;
       const int n_sub = (const_min(tc0 + kScanChunk, L) - tc0 + kT - 1) / kT;
+
+      // The chunk's dt and dt u, once for both passes (softplus is the costliest per-element step).
+      __syncthreads();
+      stage_channels<Traits, kScanChunk, input_t, false, false>(p, co, tc0, nullptr, s_dtc, s_dtuc, nullptr);
 
       // Pass 1: from the chunk's checkpoint, the state before every sub-tile.
       float h[kStates];
@@ -487,14 +503,13 @@ __global__ void __launch_bounds__(kScanThreads, 4) selective_scan_bwd_kernel(con
 #pragma unroll
         for (int k = 0; k < kStates; ++k) sub_h[s][k] = h[k];
         if (s == n_sub - 1) break;  // the state after the chunk's last sub-tile is not needed
-        const int t0 = tc0 + s * kT;
         __syncthreads();
-        stage_channels<Traits, kT, input_t, false, false>(p, co, t0, nullptr, s_dt, s_dtu, nullptr);
-        stage_bc<Traits, kT, input_t, false>(p, co, t0, s_B, nullptr);
+        stage_bc<Traits, kT, input_t, false>(p, co, tc0 + s * kT, s_B, nullptr);
         __syncthreads();
 #pragma unroll
         for (int tt = 0; tt < kT; ++tt) {
-          const float dt = s_dt[co.c * kCP + tt], dtu = s_dtu[co.c * kCP + tt];
+          const int ci = co.c * kCPc + s * kT + tt;
+          const float dt = s_dtc[ci], dtu = s_dtuc[ci];
           float Bv[kStates];
           load_states<kStates>(s_B + tt * kBP + n0, Bv);
 #pragma unroll
@@ -506,30 +521,50 @@ __global__ void __launch_bounds__(kScanThreads, 4) selective_scan_bwd_kernel(con
       for (int s = n_sub - 1; s >= 0; --s) {
         const int t0 = tc0 + s * kT;
         __syncthreads();
-        stage_channels<Traits, kT, input_t, true, kHasZ>(p, co, t0, dout, s_dt, s_dtu, s_dy);
+        // dy of the write-back vector (0 past L and past the group).
+        const int wb_t = t0 + wb_v;
+        const int wb_rem = wb_ok ? L - wb_t : 0;
+        const int64_t wb_idx = wb_ok ? row_offset(p, co.b, co.g, wb_j) + wb_t : 0;
+        if (wb_thread) {
+          float dov[kVec] = {}, zv[kVec] = {};
+          if (wb_rem > 0) {
+            load_vec(dout, wb_idx, wb_rem, p.vec_ok, dov);
+            if constexpr (kHasZ) load_vec(z, wb_idx, wb_rem, p.vec_ok, zv);
+          }
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            float dy = dov[e];
+            if constexpr (kHasZ) dy *= zv[e] * sigmoid_f(zv[e]);
+            s_dy[wb_c * kCP + wb_v + e] = dy;
+          }
+        }
         stage_bc<Traits, kT, input_t, true>(p, co, t0, s_B, s_C);
         __syncthreads();
 
-        // hist[tt] = state before step t0 + tt; hc ends as the state after the sub-tile's last step.
-        float hist[kT][kStates], hc[kStates];
+        // hist[tt] = state before step t0 + tt (and its decay factor when kept); hc ends as the state
+        // after the sub-tile's last step.
+        float hist[kT][kStates], hist_a[kKeepA ? kT : 1][kStates], hc[kStates];
 #pragma unroll
         for (int k = 0; k < kStates; ++k) hc[k] = sub_h[s][k];
 #pragma unroll
         for (int tt = 0; tt < kT; ++tt) {
-          const float dt = s_dt[co.c * kCP + tt], dtu = s_dtu[co.c * kCP + tt];
+          const int ci = co.c * kCPc + s * kT + tt;
+          const float dt = s_dtc[ci], dtu = s_dtuc[ci];
           float Bv[kStates];
           load_states<kStates>(s_B + tt * kBP + n0, Bv);
 #pragma unroll
           for (int k = 0; k < kStates; ++k) {
+            const float a = exp2_approx(dt * A2[k]);
+            if constexpr (kKeepA) hist_a[tt][k] = a;
             hist[tt][k] = hc[k];
-            hc[k] = fmaf(exp2_approx(dt * A2[k]), hc[k], dtu * Bv[k]);
+            hc[k] = fmaf(a, hc[k], dtu * Bv[k]);
           }
         }
 
 #pragma unroll
         for (int tt = kT - 1; tt >= 0; --tt) {
-          const int ci = co.c * kCP + tt;
-          const float dt = s_dt[ci], dtu = s_dtu[ci], dy = s_dy[ci];
+          const int ci = co.c * kCP + tt, cic = co.c * kCPc + s * kT + tt;
+          const float dt = s_dtc[cic], dtu = s_dtuc[cic], dy = s_dy[ci];
           float Bv[kStates], Cv[kStates];
           load_states<kStates>(s_B + tt * kBP + n0, Bv);
           load_states<kStates>(s_C + tt * kBP + n0, Cv);
@@ -544,7 +579,13 @@ __global__ void __launch_bounds__(kScanThreads, 4) selective_scan_bwd_kernel(con
 #pragma unroll
           for (int k = 0; k < kStates; ++k) {
             const float gk = fmaf(dy, Cv[k], g_carry[k]);
-            const float ga = gk * exp2_approx(dt * A2[k]);
+            float a;
+            if constexpr (kKeepA) {
+              a = hist_a[tt][k];
+            } else {
+              a = exp2_approx(dt * A2[k]);
+            }
+            const float ga = gk * a;
             const float gah = ga * hist[tt][k];
             gB = fmaf(gk, Bv[k], gB);
             gAh = fmaf(gah, A2[k], gAh);
@@ -576,44 +617,36 @@ __global__ void __launch_bounds__(kScanThreads, 4) selective_scan_bwd_kernel(con
         }
         __syncthreads();
 
-        // Per-element gradients, one thread per vector of a row (the same vectors every sub-tile, so
-        // the thread also owns their dD / ddelta_bias sums).
-#pragma unroll
-        for (int it = 0; it < kIters; ++it) {
-          const int i = threadIdx.x + it * kThreads;
-          if (i >= kChans * kVecs) continue;
-          const int cc = i / kVecs, tv = (i % kVecs) * kVec, t = t0 + tv, jj = co.j0 + cc;
-          if (jj >= p.dim_per_group || t >= L) continue;
-          const int dd = co.g * p.dim_per_group + jj;
-          const int64_t idx = row_offset(p, co.b, co.g, jj) + t;
-          const float Dv = p.has_D ? p.D_ptr[dd] : 0.f;
-          const float bias = p.has_delta_bias ? p.delta_bias_ptr[dd] : 0.f;
+        // Per-element gradients of the write-back vector; its dD / ddelta_bias sums.
+        if (wb_rem > 0) {
           float uv[kVec], xv[kVec], dov[kVec], zv[kVec] = {}, du[kVec], ddl[kVec], dz[kVec];
-          load_vec(u, idx, L - t, p.vec_ok, uv);
-          load_vec(delta, idx, L - t, p.vec_ok, xv);
-          load_vec(dout, idx, L - t, p.vec_ok, dov);
-          if constexpr (kHasZ) load_vec(z, idx, L - t, p.vec_ok, zv);
+          load_vec(u, wb_idx, wb_rem, p.vec_ok, uv);
+          load_vec(delta, wb_idx, wb_rem, p.vec_ok, xv);
+          if constexpr (kHasZ) {  // reloaded (cache hits) rather than held in registers over the scan
+            load_vec(dout, wb_idx, wb_rem, p.vec_ok, dov);
+            load_vec(z, wb_idx, wb_rem, p.vec_ok, zv);
+          }
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            const int si = cc * kCP + tv + e;
+            const int si = wb_c * kCP + wb_v + e;
             const float gB = s_gB[si], dy = s_dy[si];
-            du[e] = s_dt[si] * gB + dy * Dv;
+            du[e] = s_dtc[wb_c * kCPc + s * kT + wb_v + e] * gB + dy * wb_D;
             float ddt = uv[e] * gB + kLn2 * s_gAh[si];
-            if (p.delta_softplus) ddt *= sigmoid_f(xv[e] + bias);
+            if (p.delta_softplus) ddt *= sigmoid_f(xv[e] + wb_bias);
             ddl[e] = ddt;
             dz[e] = 0.f;
             if constexpr (kHasZ) {
               const float sz = sigmoid_f(zv[e]);
-              dz[e] = dov[e] * (s_y[si] + Dv * uv[e]) * sz * (1.f + zv[e] * (1.f - sz));
+              dz[e] = dov[e] * (s_y[si] + wb_D * uv[e]) * sz * (1.f + zv[e] * (1.f - sz));
             }
-            if (e < L - t) {
-              dD_acc[it] += dy * uv[e];
-              dbias_acc[it] += ddt;
+            if (e < wb_rem) {
+              dD_acc += dy * uv[e];
+              dbias_acc += ddt;
             }
           }
-          store_vec(du_out, idx, L - t, p.vec_ok, du);
-          store_vec(ddelta_out, idx, L - t, p.vec_ok, ddl);
-          if constexpr (kHasZ) store_vec(dz_out, idx, L - t, p.vec_ok, dz);
+          store_vec(du_out, wb_idx, wb_rem, p.vec_ok, du);
+          store_vec(ddelta_out, wb_idx, wb_rem, p.vec_ok, ddl);
+          if constexpr (kHasZ) store_vec(dz_out, wb_idx, wb_rem, p.vec_ok, dz);
         }
 
         // dB / dC of the sub-tile: the warps' rows summed in warp order, added to the slot's partial.
@@ -648,21 +681,17 @@ __global__ void __launch_bounds__(kScanThreads, 4) selective_scan_bwd_kernel(con
       }
     }
     __syncthreads();
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      s_acc[it * kThreads + threadIdx.x] = dD_acc[it];  // index = the write-back vector i
-      s_acc[(2 + it) * kThreads + threadIdx.x] = dbias_acc[it];
-    }
+    s_acc[threadIdx.x] = dD_acc;
+    s_acc[kThreads + threadIdx.x] = dbias_acc;
     __syncthreads();
-    for (int cc = threadIdx.x; cc < kChans; cc += kThreads) {
-      const int jj = co.j0 + cc;
-      if (jj >= p.dim_per_group) continue;
+    if (threadIdx.x < kChans && co.j0 + threadIdx.x < p.dim_per_group) {
       float sD = 0.f, sb = 0.f;
+#pragma unroll
       for (int v = 0; v < kVecs; ++v) {
-        sD += s_acc[cc * kVecs + v];  // write-back vector i = cc * kVecs + v was thread i % kThreads's
-        sb += s_acc[2 * kThreads + cc * kVecs + v];
+        sD += s_acc[threadIdx.x * kVecs + v];
+        sb += s_acc[kThreads + threadIdx.x * kVecs + v];
       }
-      const int64_t bd = static_cast<int64_t>(co.b) * p.dim + co.g * p.dim_per_group + jj;
+      const int64_t bd = static_cast<int64_t>(co.b) * p.dim + co.g * p.dim_per_group + co.j0 + threadIdx.x;
       if (p.has_D) p.dD_part_ptr[bd] = sD;
       if (p.has_delta_bias) p.ddelta_bias_part_ptr[bd] = sb;
     }

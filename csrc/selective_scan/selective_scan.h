@@ -26,12 +26,13 @@ constexpr int kScanChunk = 64;
 
 // State sizes with a compiled kernel, ascending.  Any other N in [1, 256] runs on the next larger
 // one with the extra states masked (they stay exactly zero).  COMPRESSM_MAMBA_FAST_COMPILE_CHECK
-// keeps the sizes of the reference workloads and the three thread layouts (one lane per channel:
-// 4; two lanes, 6 states: 12; two lanes, 8 states: 16; sixteen lanes: 128; 32 lanes with the short
-// backward tile: 256): tests/ops/test_cuda_compile.py defines it so that compile-checking every .cu
-// on a 2-core machine stays affordable.  A build with it still computes correctly (every N rounds up
-// to a compiled size), only slower for the sizes in between.  Every size's shared-memory budget is
-// checked at compile time even when it is not compiled (COMPRESSM_SCAN_ALL_NSTATES).
+// keeps the sizes of the reference workloads and every thread layout (2 lanes x 2 states: 4, whose
+// backward also keeps its decay factors in registers; 2 x 6: 12; 2 x 8: 16; 16 x 8: 128; 32 x 8
+// with the 4-step backward tile: 256): tests/ops/test_cuda_compile.py defines it so that
+// compile-checking every .cu on a 2-core machine stays affordable.  A build with it still computes
+// correctly (every N rounds up to a compiled size), only slower for the sizes in between.  Every
+// size's shared-memory budget is checked at compile time even when it is not compiled
+// (COMPRESSM_SCAN_ALL_NSTATES).
 #define COMPRESSM_SCAN_ALL_NSTATES(X) X(4) X(8) X(12) X(16) X(24) X(32) X(48) X(64) X(96) X(128) X(256)
 #ifdef COMPRESSM_MAMBA_FAST_COMPILE_CHECK
 #define COMPRESSM_SCAN_FOR_EACH_NSTATE(X) X(4) X(12) X(16) X(128) X(256)
@@ -42,11 +43,15 @@ constexpr int kScanMaxNState = 256;
 constexpr int kScanThreads = 128;  // threads per block, forward and backward
 
 // Work layout, shared by the kernels and the binding (which sizes the backward's scratch from it).
-// A channel's kNState states are spread over lanes_per_channel consecutive lanes: halve the states
-// per thread while at least 6 remain, so every kernel keeps 4..8 states per thread in registers
-// (N = 4 -> 1 x 4, 12 -> 2 x 6, 16 -> 2 x 8, 96 -> 16 x 6, 128 -> 16 x 8, 256 -> 32 x 8).
+// A channel's kNState states are spread over lanes_per_channel consecutive lanes: at least 2 (a
+// block holds at most 64 channels, which keeps the backward's chunk-wide dt tiles within shared
+// memory), then halve the states per thread while at least 6 remain, so a thread keeps at most 8
+// states in registers (N = 4 -> 2 x 2, 12 -> 2 x 6, 16 -> 2 x 8, 24 -> 4 x 6, 96 -> 16 x 6,
+// 128 -> 16 x 8, 256 -> 32 x 8).  Why not 4 lanes at N = 16 (twice the warps): the per-step work
+// that is per channel, not per state, then costs 25 % more instructions per element-state, more
+// than the occupancy gains in the issue-rate model (csrc/README.md).
 constexpr int scan_lanes_per_channel(int n) {
-  int lanes = 1;
+  int lanes = 2;
   while (lanes < 32 && n % (2 * lanes) == 0 && n / (2 * lanes) >= 6) lanes *= 2;
   return lanes;
 }
