@@ -210,6 +210,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selec
   const int64_t batch = p.batch, dim = p.dim, N = p.dstate, n_chunks = p.n_chunks;
   check_tensor(dout, op, "dout", u.device(), u.scalar_type(), u.sizes());
   check_tensor(checkpoints, op, "checkpoints", u.device(), at::kFloat, {batch, dim, n_chunks, N});
+  p.vec_ok = p.vec_ok && vec_aligned(dout);
 
   const c10::cuda::CUDAGuard device_guard(u.device());
   const auto f32 = u.options().dtype(at::kFloat);

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 64  # kScanChunk
+KERNEL_SIZES = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)  # COMPRESSM_SCAN_ALL_NSTATES
+MIN_LANES = 2  # scan_lanes_per_channel's start
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -32,9 +34,8 @@ LN2 = 0.6931471805599453
 def kernel_layout(N: int, threads: int = 128) -> dict:
     """The compiled state size serving N, lanes per channel, states per thread, channels per block (slice),
     backward sub-tile: selective_scan.h's scan_kernel_nstate / scan_lanes_per_channel and ScanTraits."""
-    sizes = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
-    k = next(s for s in sizes if N <= s)
-    lanes = 2
+    k = next(s for s in KERNEL_SIZES if N <= s)
+    lanes = MIN_LANES
     while lanes < 32 and k % (2 * lanes) == 0 and k // (2 * lanes) >= 6:
         lanes *= 2
     return dict(kernel_n=k, lanes=lanes, states=k // lanes, chans=threads // lanes, sub=4 if k >= 256 else 8)

@@ -13,6 +13,9 @@ by tests/ops/test_cuda_kernels.py on a GPU.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import cuda_scan_emulation as emu
 import pytest
 import torch
@@ -91,6 +94,13 @@ def test_fast_exp2_error_stays_within_fp32_tolerance(N):
 
 def test_kernel_layout_matches_the_header():
     """kernel_layout mirrors selective_scan.h (compiled sizes, lanes) and the .cuh's sub-tile choice."""
+    csrc = Path(__file__).resolve().parents[2] / "csrc" / "selective_scan"
+    header, kernels = (csrc / "selective_scan.h").read_text(), (csrc / "selective_scan.cuh").read_text()
+    sizes = re.search(r"#define COMPRESSM_SCAN_ALL_NSTATES\(X\) ((?:X\(\d+\) ?)+)", header).group(1)
+    assert [int(n) for n in re.findall(r"\d+", sizes)] == list(emu.KERNEL_SIZES)
+    assert re.search(r"int lanes = (\d+);", header).group(1) == str(emu.MIN_LANES)
+    assert re.search(r"kBwdT = kNState >= 256 \? 4 : 8;", kernels)
+    assert re.search(r"constexpr int kScanChunk = (\d+);", header).group(1) == str(emu.CHUNK)
     assert [emu.kernel_layout(n)["kernel_n"] for n in (1, 12, 13, 16, 17, 100, 200)] == [4, 12, 16, 16, 24, 128, 256]
     lay = {n: (emu.kernel_layout(n)["lanes"], emu.kernel_layout(n)["states"]) for n in (4, 12, 16, 96, 128, 256)}
     assert lay == {4: (2, 2), 12: (2, 6), 16: (2, 8), 96: (16, 6), 128: (16, 8), 256: (32, 8)}
