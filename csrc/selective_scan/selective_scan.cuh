@@ -2,7 +2,7 @@
 //
 // The float64 specification is compressm_mamba/reference/selective_scan.py; the blocking, the order
 // of every sum and the recomputation schedule below are mirrored step for step by the pure-torch
-// emulation tests/ops/cuda_scan_emulation.py, which tests/ops/test_cuda_scan_emulation.py checks
+// emulation tests/cuda_scan_emulation.py, which tests/ops/test_cuda_scan_emulation.py checks
 // against the reference on CPU.  Design rationale and costs: csrc/README.md.
 //   h_t = a_t h_{t-1} + dt_t u_t B_t,  a_t = exp(dt_t A) = exp2(dt_t A log2 e),  y_t = <C_t, h_t>,
 //   out = (y + D u) silu(z)
@@ -11,8 +11,8 @@
 //   dB_t += g dt u,  dC_t += h_t dy  (summed over the group's channels),  dD += dy u,
 //   ddelta = ddt * sigmoid(delta + bias) under softplus,   ddelta_bias += ddelta.
 //
-// Work layout.  128 threads; a channel's states are spread over kLanes consecutive lanes, kStates
-// (4..8) contiguous states per thread (state n = lane_in_channel * kStates + k), so a thread reads its
+// Work layout.  128 threads; a channel's states are spread over kLanes (2..32) consecutive lanes,
+// kStates (<= 8) contiguous states per thread (state n = lane_in_channel * kStates + k), so a thread reads its
 // B / C values of a step with one or two vector shared-memory loads.  A block owns a slice of kChans
 // consecutive channels of one (batch, group) (slices never straddle a group: one B / C row per
 // step).  Time is walked in tiles: the tile's inputs are staged in shared memory by 4-element vector
@@ -22,15 +22,16 @@
 //
 // exp.  a = exp2(dt * A2) with A2 = A log2(e) folded in once per thread, one MUFU.EX2
 // (ex2.approx.ftz, relative error < 2^-22 by the PTX ISA; the emulation test injects that error and
-// stays within the fp32 tolerances).  The backward evaluates it three times per element-state (the
+// stays within the fp32 tolerances, twice over).  The backward evaluates it three times per element-state (the
 // checkpoint sweep, the sub-tile recompute, the reverse step) -- 2 instructions each -- rather than
-// holding 64 more registers of history.
+// holding 64 more registers of history (where they fit, N <= 8, the recomputed factors are kept).
 //
 // Backward and determinism.  Grid (n_slots, ngroups, batch): block `slot` walks the slices slot,
 // slot + n_slots, ... one after the other.  Per slice it walks the chunks of kScanChunk steps in
-// reverse: from the chunk's checkpoint it recomputes the state at the start of every sub-tile of kBwdT
-// steps (local memory), then, sub-tile by sub-tile in reverse, recomputes the sub-tile's states into
-// registers and runs the reverse recurrence over them.  dB / dC of a step (sums over channels) are
+// reverse, staging the chunk's dt and dt u once for both passes: from the chunk's checkpoint it
+// recomputes the state at the start of every sub-tile of kBwdT steps (local memory), then, sub-tile
+// by sub-tile in reverse, recomputes the sub-tile's states into registers and runs the reverse
+// recurrence over them.  dB / dC of a step (sums over channels) are
 // reduced inside each warp (reduce-scatter), written per warp to shared memory (no atomics), summed
 // over the 4 warps in warp order, and added to the slot's own fp32 partial (batch, group, slot, L, N)
 // -- the slot's first slice stores, the next ones add, in slice order.  The caller sums the partials
@@ -262,30 +263,24 @@ __device__ __forceinline__ int64_t row_offset(const SelectiveScanFwdParams& p, i
   return (static_cast<int64_t>(b) * p.dim + g * p.dim_per_group + jj) * p.seqlen;
 }
 
-// Stages the slice's per-channel values of steps [t0, t0 + kT): dt (bias and softplus applied),
-// dt * u and, for the backward (kDy), dy = dout * silu(z) (or dout), as fp32 tiles of pitch kT + 1
-// (odd: a column of channels hits distinct banks).  One thread per 4-element vector of a row;
-// entries past L or past the group are 0.
-template <typename Traits, int kT, typename input_t, bool kDy, bool kHasZ>
+// Stages the slice's per-channel values of steps [t0, t0 + kT): dt (bias and softplus applied) and
+// dt * u, as fp32 tiles of pitch kT + 1 (odd: a column of channels hits distinct banks).  One thread
+// per 4-element vector of a row; entries past L or past the group are 0.
+template <typename Traits, int kT, typename input_t>
 __device__ __forceinline__ void stage_channels(const SelectiveScanFwdParams& p, const Coords& co, int t0,
-                                               const input_t* dout, float* s_dt, float* s_dtu, float* s_dy) {
+                                               float* s_dt, float* s_dtu) {
   constexpr int kPitch = kT + 1, kVecs = kT / kVec;
   const input_t* u = static_cast<const input_t*>(p.u_ptr);
   const input_t* delta = static_cast<const input_t*>(p.delta_ptr);
-  const input_t* z = static_cast<const input_t*>(p.z_ptr);
   for (int i = threadIdx.x; i < Traits::kChans * kVecs; i += Traits::kThreads) {
     const int cc = i / kVecs, t = t0 + (i % kVecs) * kVec, jj = co.j0 + cc;
     const int remaining = jj < p.dim_per_group ? p.seqlen - t : 0;
-    float uv[kVec] = {}, xv[kVec] = {}, dov[kVec] = {}, zv[kVec] = {};
+    float uv[kVec] = {}, xv[kVec] = {};
     float bias = 0.f;
     if (remaining > 0) {
       const int64_t idx = row_offset(p, co.b, co.g, jj) + t;
       load_vec(u, idx, remaining, p.vec_ok, uv);
       load_vec(delta, idx, remaining, p.vec_ok, xv);
-      if constexpr (kDy) {
-        load_vec(dout, idx, remaining, p.vec_ok, dov);
-        if constexpr (kHasZ) load_vec(z, idx, remaining, p.vec_ok, zv);
-      }
       if (p.has_delta_bias) bias = p.delta_bias_ptr[co.g * p.dim_per_group + jj];
     }
     float* dst_dt = s_dt + cc * kPitch + (i % kVecs) * kVec;
@@ -299,11 +294,6 @@ __device__ __forceinline__ void stage_channels(const SelectiveScanFwdParams& p, 
       }
       dst_dt[e] = dt;
       dst_dtu[e] = dt * uv[e];
-      if constexpr (kDy) {
-        float dy = dov[e];
-        if constexpr (kHasZ) dy *= zv[e] * sigmoid_f(zv[e]);
-        s_dy[cc * kPitch + (i % kVecs) * kVec + e] = dy;
-      }
     }
   }
 }
@@ -380,7 +370,7 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_fwd_kernel(const 
       }
     }
     __syncthreads();  // the previous tile is fully read and written back
-    stage_channels<Traits, kT, input_t, false, false>(p, co, t0, nullptr, s_dt, s_dtu, nullptr);
+    stage_channels<Traits, kT, input_t>(p, co, t0, s_dt, s_dtu);
     stage_bc<Traits, kT, input_t, true>(p, co, t0, s_B, s_C);
     __syncthreads();
 
@@ -491,7 +481,7 @@ __global__ void __launch_bounds__(kScanThreads, ScanTraits<kNState>::kBwdMinBloc
 
       // The chunk's dt and dt u, once for both passes (softplus is the costliest per-element step).
       __syncthreads();
-      stage_channels<Traits, kScanChunk, input_t, false, false>(p, co, tc0, nullptr, s_dtc, s_dtuc, nullptr);
+      stage_channels<Traits, kScanChunk, input_t>(p, co, tc0, s_dtc, s_dtuc);
 
       // Pass 1: from the chunk's checkpoint, the state before every sub-tile.
       float h[kStates];
