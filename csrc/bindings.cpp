@@ -230,9 +230,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selec
   Tensor dB_part = at::empty({batch, ngroups, p.n_slots, p.seqlen, N}, f32);
   Tensor dC_part = at::empty({batch, ngroups, p.n_slots, p.seqlen, N}, f32);
   Tensor dA_part = at::empty({batch, dim, N}, f32);
+  Tensor g_carry = at::empty({batch, dim, N}, f32);
   Tensor dD_part = at::empty({D.has_value() ? batch : 0, dim}, f32);
   Tensor dbias_part = at::empty({delta_bias.has_value() ? batch : 0, dim}, f32);
-  poison({du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part});
+  poison({du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part, g_carry});
   p.dout_ptr = dout.data_ptr();
   p.checkpoints_ptr = const_cast<float*>(checkpoints.data_ptr<float>());
   p.du_ptr = du.data_ptr();
@@ -241,6 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selec
   p.dB_part_ptr = dB_part.data_ptr<float>();
   p.dC_part_ptr = dC_part.data_ptr<float>();
   p.dA_part_ptr = dA_part.data_ptr<float>();
+  p.g_carry_ptr = g_carry.data_ptr<float>();
   p.dD_part_ptr = D.has_value() ? dD_part.data_ptr<float>() : nullptr;
   p.ddelta_bias_part_ptr = delta_bias.has_value() ? dbias_part.data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();

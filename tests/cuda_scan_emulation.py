@@ -6,11 +6,13 @@ the same decomposition, recomputation schedule and order of every cross-thread s
 
 forward   tiles in time; the state before every chunk of ``CHUNK`` steps is stored (checkpoints);
           a = exp2(dt * A2) with A2 = A log2(e) folded in once; out = (y + D u) silu(z).
-backward  per slice of ``chans`` channels, block ``slot`` walks slices slot, slot + n_slots, ...;
-          per chunk in reverse: pass 1 recomputes the state before every sub-tile of ``sub``
-          steps from the checkpoint, pass 2 recomputes each sub-tile's states ("hist") and runs
-          the reverse recurrence over them.  dB / dC of a step are summed over a slice's channels,
-          then added into the slot's partial in slice order; the caller sums partials over slots.
+backward  chunks in reverse (block ``slot`` owning slices slot, slot + n_slots, ... of ``chans``
+          channels walks them in order within each chunk): pass 1 recomputes the state before
+          every sub-tile of ``sub`` steps from the checkpoint, pass 2 recomputes each sub-tile's
+          states ("hist") and runs the reverse recurrence over them.  dB / dC of a step are summed
+          over a slice's channels, then added into the slot's partial in slice order; the caller
+          sums partials over slots.  (Channels are independent otherwise, so the emulation walks
+          all of them at once.)
 
 ``exp2_rel_err`` multiplies every exp2 by (1 + e), e uniform in [-err, err], to show that the
 approximate MUFU.EX2 the kernels use (``ex2.approx.ftz.f32``, within 2 ulp = 2^-22 relative) keeps
@@ -199,8 +201,8 @@ def _slot_order_sum(slice_sums: torch.Tensor, n_slots: int) -> torch.Tensor:
 
 def backward_scratch_bytes(batch: int, dim: int, L: int, N: int, ngroups: int, elem_bytes: int,
                            with_z: bool = True) -> dict:
-    """The backward's scratch as bindings.cpp sizes it (bytes): dB / dC per-slot partials, dA partial,
-    the slot sum; and the backward's input bytes it is bounded by."""
+    """The backward's scratch as bindings.cpp sizes it (bytes): dB / dC per-slot partials, dA partial and
+    gradient carry, the slot sums; and the backward's input bytes that bound the partials."""
     lay = kernel_layout(N)
     n_slices = -(-(dim // ngroups) // lay["chans"])
     n_chunks = -(-L // CHUNK)
@@ -209,9 +211,10 @@ def backward_scratch_bytes(batch: int, dim: int, L: int, N: int, ngroups: int, e
     slot_bytes = 2 * batch * ngroups * L * N * 4
     n_slots = min(n_slices, max(1, inputs // slot_bytes)) if slot_bytes else n_slices
     partials = n_slots * slot_bytes
-    return dict(n_slices=n_slices, n_slots=n_slots, inputs=inputs, partials=partials,
-                dA_part=batch * dim * N * 4, slot_sum=2 * batch * ngroups * L * N * 4,
-                total=partials + batch * dim * N * 4 + 2 * batch * ngroups * L * N * 4)
+    per_channel = 2 * batch * dim * N * 4  # dA partial, gradient carry between chunks
+    return dict(n_slices=n_slices, n_slots=n_slots, inputs=inputs, partials=partials, per_channel=per_channel,
+                slot_sum=2 * batch * ngroups * L * N * 4,
+                total=partials + per_channel + 2 * batch * ngroups * L * N * 4)
 
 
 __all__ = ["forward", "backward", "kernel_layout", "backward_scratch_bytes", "CHUNK"]

@@ -26,15 +26,17 @@
 // checkpoint sweep, the sub-tile recompute, the reverse step) -- 2 instructions each -- rather than
 // holding 64 more registers of history (where they fit, N <= 8, the recomputed factors are kept).
 //
-// Backward and determinism.  Grid (n_slots, ngroups, batch): block `slot` walks the slices slot,
-// slot + n_slots, ... one after the other.  Per slice it walks the chunks of kScanChunk steps in
-// reverse, staging the chunk's dt and dt u once for both passes: from the chunk's checkpoint it
+// Backward and determinism.  Grid (n_slots, ngroups, batch): block `slot` owns the slices slot,
+// slot + n_slots, ...  It walks the chunks of kScanChunk steps in reverse and, in each, its slices in
+// order (a slice's gradient carry and sums go through global memory from one chunk to the next),
+// staging the chunk's dt and dt u once for both passes: from the chunk's checkpoint it
 // recomputes the state at the start of every sub-tile of kBwdT steps (local memory), then, sub-tile
 // by sub-tile in reverse, recomputes the sub-tile's states into registers and runs the reverse
 // recurrence over them.  dB / dC of a step (sums over channels) are
 // reduced inside each warp (reduce-scatter), written per warp to shared memory (no atomics), summed
 // over the 4 warps in warp order, and added to the slot's own fp32 partial (batch, group, slot, L, N)
-// -- the slot's first slice stores, the next ones add, in slice order.  The caller sums the partials
+// -- the slot's first slice stores, the next ones add, in slice order; chunk-outer keeps that
+// read-add-write within a 64-step window that stays in L2.  The caller sums the partials
 // over slots.  No atomics anywhere: every output is bit-reproducible.  Sums over time and batch (dA,
 // dD, ddelta_bias) are per-(batch, channel) partials summed by the caller.
 //
@@ -438,7 +440,7 @@ __global__ void __launch_bounds__(kScanThreads, ScanTraits<kNState>::kBwdMinBloc
   __shared__ __align__(16) float s_C[kT * kBP];
   __shared__ float s_dB[kWarps * kT * kNState];  // [warp][step][state]: each warp's channel sums
   __shared__ float s_dC[kWarps * kT * kNState];
-  __shared__ float s_acc[2 * kThreads];  // dD / ddelta_bias per write-back vector, at slice end
+  __shared__ float s_acc[2 * kThreads];  // dD / ddelta_bias per write-back vector, per (chunk, slice)
 
   const int L = p.seqlen, N = p.dstate, slot = blockIdx.x;
   const int warp = threadIdx.x / 32;
@@ -456,28 +458,36 @@ __global__ void __launch_bounds__(kScanThreads, ScanTraits<kNState>::kBwdMinBloc
   const int wb_c = threadIdx.x / kVecs, wb_v = (threadIdx.x % kVecs) * kVec;
   const bool wb_thread = threadIdx.x < kChans * kVecs;
 
-  for (int slice = slot; slice < p.n_slices; slice += p.n_slots) {
-    const bool first_slice = slice == slot;
-    const Coords co = slice_coords<Traits>(p, slice);
-    const int n0 = co.lane * kStates;
-    float A2[kStates];
-    load_A2<Traits>(p, co, A2);
-    const int wb_j = co.j0 + wb_c;
-    const bool wb_ok = wb_thread && wb_j < p.dim_per_group;
-    const int wb_d = co.g * p.dim_per_group + wb_j;
-    const float wb_D = (wb_ok && p.has_D) ? p.D_ptr[wb_d] : 0.f;
-    const float wb_bias = (wb_ok && p.has_delta_bias) ? p.delta_bias_ptr[wb_d] : 0.f;
+  // Chunks outer, slices inner: the slot's dB / dC partial is read-added-written only within the
+  // current chunk's 64 x N window, which stays in L2 while the block walks its slices.  A slice's
+  // carries between chunks (gradient carry, dA / dD / ddelta_bias sums) go through global memory.
+  for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
+    const bool first_chunk = chunk == p.n_chunks - 1;  // the first one walked
+    const int tc0 = chunk * kScanChunk;
+    const int n_sub = (const_min(tc0 + kScanChunk, L) - tc0 + kT - 1) / kT;
+    for (int slice = slot; slice < p.n_slices; slice += p.n_slots) {
+      const bool first_slice = slice == slot;
+      const Coords co = slice_coords<Traits>(p, slice);
+      const int n0 = co.lane * kStates;
+      const int64_t state_row = (static_cast<int64_t>(co.b) * p.dim + co.d) * N;  // valid when chan_ok
+      float A2[kStates];
+      load_A2<Traits>(p, co, A2);
+      const int wb_j = co.j0 + wb_c;
+      const bool wb_ok = wb_thread && wb_j < p.dim_per_group;
+      const int wb_d = co.g * p.dim_per_group + wb_j;
+      const float wb_D = (wb_ok && p.has_D) ? p.D_ptr[wb_d] : 0.f;
+      const float wb_bias = (wb_ok && p.has_delta_bias) ? p.delta_bias_ptr[wb_d] : 0.f;
 
-    float g_carry[kStates], dA_acc[kStates];
+      float g_carry[kStates], dA_acc[kStates];
 #pragma unroll
-    for (int k = 0; k < kStates; ++k) g_carry[k] = dA_acc[k] = 0.f;
-    float dD_acc = 0.f, dbias_acc = 0.f;
-    // State at the start of each sub-tile of the current chunk (dynamically indexed: local memory).
-    float sub_h[Traits::kSubTiles][kStates];
-
-    for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
-      const int tc0 = chunk * kScanChunk;
-      const int n_sub = (const_min(tc0 + kScanChunk, L) - tc0 + kT - 1) / kT;
+      for (int k = 0; k < kStates; ++k) {
+        const bool ok = !first_chunk && co.chan_ok && n0 + k < N;
+        g_carry[k] = ok ? p.g_carry_ptr[state_row + n0 + k] : 0.f;
+        dA_acc[k] = ok ? p.dA_part_ptr[state_row + n0 + k] : 0.f;
+      }
+      float dD_acc = 0.f, dbias_acc = 0.f;  // this chunk's, of the thread's write-back vector
+      // State at the start of each sub-tile of the chunk (dynamically indexed: local memory).
+      float sub_h[Traits::kSubTiles][kStates];
 
       // The chunk's dt and dt u, once for both passes (softplus is the costliest per-element step).
       __syncthreads();
@@ -659,31 +669,47 @@ __global__ void __launch_bounds__(kScanThreads, ScanTraits<kNState>::kBwdMinBloc
           }
         }
       }
-    }
 
-    // The slice's sums over time: dA per (batch, channel, state); dD / ddelta_bias per (batch,
-    // channel), the write-back vectors of a channel summed in vector order.
-    if (co.chan_ok) {
-      const int64_t bd = static_cast<int64_t>(co.b) * p.dim + co.d;
+      // The slice's carries to the next (earlier) chunk; dD / ddelta_bias: this chunk's write-back
+      // vectors of a channel summed in vector order, added to the running sums.
+      if (co.chan_ok) {
 #pragma unroll
-      for (int k = 0; k < kStates; ++k) {
-        if (n0 + k < N) p.dA_part_ptr[bd * N + n0 + k] = dA_acc[k];
+        for (int k = 0; k < kStates; ++k) {
+          if (n0 + k < N) {
+            p.g_carry_ptr[state_row + n0 + k] = g_carry[k];
+            p.dA_part_ptr[state_row + n0 + k] = dA_acc[k];
+          }
+        }
+      }
+      __syncthreads();
+      s_acc[threadIdx.x] = dD_acc;
+      s_acc[kThreads + threadIdx.x] = dbias_acc;
+      __syncthreads();
+      if (threadIdx.x < kChans && co.j0 + threadIdx.x < p.dim_per_group) {
+        float sD = 0.f, sb = 0.f;
+#pragma unroll
+        for (int v = 0; v < kVecs; ++v) {
+          sD += s_acc[threadIdx.x * kVecs + v];
+          sb += s_acc[kThreads + threadIdx.x * kVecs + v];
+        }
+        const int64_t bd = static_cast<int64_t>(co.b) * p.dim + co.g * p.dim_per_group + co.j0 + threadIdx.x;
+        if (p.has_D) p.dD_part_ptr[bd] = first_chunk ? sD : p.dD_part_ptr[bd] + sD;
+        if (p.has_delta_bias) p.ddelta_bias_part_ptr[bd] = first_chunk ? sb : p.ddelta_bias_part_ptr[bd] + sb;
       }
     }
-    __syncthreads();
-    s_acc[threadIdx.x] = dD_acc;
-    s_acc[kThreads + threadIdx.x] = dbias_acc;
-    __syncthreads();
-    if (threadIdx.x < kChans && co.j0 + threadIdx.x < p.dim_per_group) {
-      float sD = 0.f, sb = 0.f;
-#pragma unroll
-      for (int v = 0; v < kVecs; ++v) {
-        sD += s_acc[threadIdx.x * kVecs + v];
-        sb += s_acc[kThreads + threadIdx.x * kVecs + v];
+  }
+
+  // L = 0: no chunk wrote the per-channel sums; they are zero.
+  if (p.n_chunks == 0) {
+    for (int slice = slot; slice < p.n_slices; slice += p.n_slots) {
+      const Coords co = slice_coords<Traits>(p, slice);
+      if (co.chan_ok) {
+        for (int k = 0; k < kStates; ++k) {
+          if (co.lane * kStates + k < N) p.dA_part_ptr[(static_cast<int64_t>(co.b) * p.dim + co.d) * N + co.lane * kStates + k] = 0.f;
+        }
+        if (co.lane == 0 && p.has_D) p.dD_part_ptr[static_cast<int64_t>(co.b) * p.dim + co.d] = 0.f;
+        if (co.lane == 0 && p.has_delta_bias) p.ddelta_bias_part_ptr[static_cast<int64_t>(co.b) * p.dim + co.d] = 0.f;
       }
-      const int64_t bd = static_cast<int64_t>(co.b) * p.dim + co.g * p.dim_per_group + co.j0 + threadIdx.x;
-      if (p.has_D) p.dD_part_ptr[bd] = sD;
-      if (p.has_delta_bias) p.ddelta_bias_part_ptr[bd] = sb;
     }
   }
 }

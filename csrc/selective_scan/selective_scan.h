@@ -115,7 +115,10 @@ struct SelectiveScanBwdParams : SelectiveScanFwdParams {
   // channels of its slices; the caller sums over slots (fixed order) and transposes to (N, L).
   float* dB_part_ptr = nullptr;
   float* dC_part_ptr = nullptr;
-  // fp32 per-batch partials, every element written; the caller sums them over the batch.
+  // fp32 (batch, dim, N) scratch: a channel's gradient carry from one chunk to the one before it.
+  float* g_carry_ptr = nullptr;
+  // fp32 per-batch partials, every element written; the caller sums them over the batch.  Also the
+  // running sums between chunks (the kernel reads back what it wrote for the later chunk).
   float* dA_part_ptr = nullptr;           // (batch, dim, N)
   float* dD_part_ptr = nullptr;           // (batch, dim), has_D
   float* ddelta_bias_part_ptr = nullptr;  // (batch, dim), has_delta_bias
