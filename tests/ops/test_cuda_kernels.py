@@ -2,10 +2,12 @@
 
 Every kernel-vs-reference check runs the reference in float64 on the very inputs the kernel saw
 (after rounding to fp16 / bf16).  Outputs are poisoned: COMPRESSM_MAMBA_POISON=1 makes the bindings
-fill every output with NaN before the kernel runs, and assert_close rejects non-finite values, so an
-element a kernel never writes fails the test.  Shapes are small and odd on purpose: dim is never a
-multiple of a block's channels, L crosses the 64-step checkpoint chunk, N covers every compiled
-state size and sizes in between (which run on the next larger kernel, masked).
+fill every output (and the backward's partial buffers) with NaN before the kernel runs, and
+assert_close rejects non-finite values, so an element a kernel never writes fails the test.  Shapes
+are small and odd on purpose: dim is never a multiple of a block's channels, L crosses the 64-step
+checkpoint chunk, N covers every compiled state size and sizes in between (which run on the next
+larger kernel, masked); L % 4 == 0 takes the vector loads, other L the element loads; one case has
+fewer backward slots than channel slices.
 
 Needs a GPU and the built extension: the requires_cuda mark skips without a GPU (tests/conftest.py);
 the module skips itself when compressm_mamba._C does not import.
@@ -136,10 +138,11 @@ def test_scan_fp32_every_state_size(N):
     _run_raw_ops(batch=2, dim=134, N=N, L=130, ngroups=2, dtype=torch.float32, seed=N)
 
 
+@pytest.mark.parametrize("L", [75, 132], ids=["element-loads", "vector-loads"])  # L % 4 picks the path
 @pytest.mark.parametrize("N", [1, 12, 16, 64, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_scan_half_precision(N, dtype):
-    _run_raw_ops(batch=2, dim=37, N=N, L=75, ngroups=1, dtype=dtype, seed=N)
+def test_scan_half_precision(N, dtype, L):
+    _run_raw_ops(batch=2, dim=37, N=N, L=L, ngroups=1, dtype=dtype, seed=N)
 
 
 @pytest.mark.parametrize(
