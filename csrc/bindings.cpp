@@ -25,7 +25,9 @@
 
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <optional>
@@ -117,6 +119,11 @@ void poison(std::initializer_list<Tensor> outputs) {
   }
 }
 
+// Whether a tensor's first element is aligned for the kernels' 4-element vector accesses.
+bool vec_aligned(const Tensor& t) {
+  return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % (4 * t.element_size()) == 0;
+}
+
 // Checks the scan inputs shared by the forward and the backward and fills the launch parameters.
 void scan_params(const char* op, const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                  const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
@@ -148,6 +155,7 @@ void scan_params(const char* op, const Tensor& u, const Tensor& delta, const Ten
   p.ngroups = static_cast<int>(ngroups);
   p.dim_per_group = static_cast<int>(dim / ngroups);
   p.n_chunks = static_cast<int>(ceil_div(L, kScanChunk));
+  p.n_slices = static_cast<int>(ceil_div(dim / ngroups, scan_channels_per_block(static_cast<int>(N))));
   p.has_D = D.has_value();
   p.has_z = z.has_value();
   p.has_delta_bias = delta_bias.has_value();
@@ -160,6 +168,9 @@ void scan_params(const char* op, const Tensor& u, const Tensor& delta, const Ten
   p.D_ptr = D.has_value() ? D->data_ptr<float>() : nullptr;
   p.z_ptr = z.has_value() ? z->data_ptr() : nullptr;
   p.delta_bias_ptr = delta_bias.has_value() ? delta_bias->data_ptr<float>() : nullptr;
+  // Rows move as 4-element vectors when every row starts aligned (outputs are fresh allocations).
+  p.vec_ok = L % 4 == 0 && vec_aligned(u) && vec_aligned(delta) && vec_aligned(B) && vec_aligned(C) &&
+             (!z.has_value() || vec_aligned(*z));
 }
 
 std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A,
@@ -199,26 +210,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selec
   const int64_t batch = p.batch, dim = p.dim, N = p.dstate, n_chunks = p.n_chunks;
   check_tensor(dout, op, "dout", u.device(), u.scalar_type(), u.sizes());
   check_tensor(checkpoints, op, "checkpoints", u.device(), at::kFloat, {batch, dim, n_chunks, N});
+  p.vec_ok = p.vec_ok && vec_aligned(dout);
 
   const c10::cuda::CUDAGuard device_guard(u.device());
   const auto f32 = u.options().dtype(at::kFloat);
   Tensor du = at::empty_like(u);
   Tensor ddelta = at::empty_like(delta);
   Tensor dz = z.has_value() ? at::empty_like(*z) : at::empty({0}, u.options());
-  Tensor dB_acc = at::zeros(B.sizes(), f32);
-  Tensor dC_acc = at::zeros(C.sizes(), f32);
+  // dB / dC: one fp32 partial per slot (a block walking n_slices / n_slots channel slices), summed
+  // below in slot order.  As many slots as the slices ask for, but the partials stay within the size
+  // of the backward's inputs (their bytes / the bytes of one slot's dB and dC).
+  const int64_t ngroups = p.ngroups;
+  const int64_t slot_bytes = 2 * batch * ngroups * static_cast<int64_t>(p.seqlen) * N * 4;
+  int64_t input_bytes = checkpoints.nbytes() + A.nbytes() + B.nbytes() + C.nbytes();
+  for (const Tensor& t : {dout, u, delta}) input_bytes += t.nbytes();
+  if (z.has_value()) input_bytes += z->nbytes();
+  const int64_t affordable = slot_bytes > 0 ? std::max<int64_t>(1, input_bytes / slot_bytes) : p.n_slices;
+  p.n_slots = static_cast<int>(std::min<int64_t>(p.n_slices, affordable));  // 0 only when dim == 0
+  Tensor dB_part = at::empty({batch, ngroups, p.n_slots, p.seqlen, N}, f32);
+  Tensor dC_part = at::empty({batch, ngroups, p.n_slots, p.seqlen, N}, f32);
   Tensor dA_part = at::empty({batch, dim, N}, f32);
+  Tensor g_carry = at::empty({batch, dim, N}, f32);
   Tensor dD_part = at::empty({D.has_value() ? batch : 0, dim}, f32);
   Tensor dbias_part = at::empty({delta_bias.has_value() ? batch : 0, dim}, f32);
-  poison({du, ddelta, dz, dA_part, dD_part, dbias_part});  // dB_acc / dC_acc are accumulated into
+  poison({du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part, g_carry});
   p.dout_ptr = dout.data_ptr();
   p.checkpoints_ptr = const_cast<float*>(checkpoints.data_ptr<float>());
   p.du_ptr = du.data_ptr();
   p.ddelta_ptr = ddelta.data_ptr();
   p.dz_ptr = z.has_value() ? dz.data_ptr() : nullptr;
-  p.dB_ptr = dB_acc.data_ptr<float>();
-  p.dC_ptr = dC_acc.data_ptr<float>();
+  p.dB_part_ptr = dB_part.data_ptr<float>();
+  p.dC_part_ptr = dC_part.data_ptr<float>();
   p.dA_part_ptr = dA_part.data_ptr<float>();
+  p.g_carry_ptr = g_carry.data_ptr<float>();
   p.dD_part_ptr = D.has_value() ? dD_part.data_ptr<float>() : nullptr;
   p.ddelta_bias_part_ptr = delta_bias.has_value() ? dbias_part.data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -230,8 +254,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selec
   }
   // Per-batch partials -> sums (a sum over an empty batch is zeros).  Same stream, no sync.
   Tensor dA = dA_part.sum(0);
-  Tensor dB = dB_acc.to(B.scalar_type());
-  Tensor dC = dC_acc.to(C.scalar_type());
+  // (batch, G, slots, L, N) -> sum over slots -> (batch, G, N, L) in B's dtype.
+  Tensor dB = at::empty(B.sizes(), B.options());
+  Tensor dC = at::empty(C.sizes(), C.options());
+  dB.copy_(dB_part.sum(2).transpose(2, 3));
+  dC.copy_(dC_part.sum(2).transpose(2, 3));
   Tensor dD = D.has_value() ? dD_part.sum(0) : at::empty({0}, f32);
   Tensor ddelta_bias = delta_bias.has_value() ? dbias_part.sum(0) : at::empty({0}, f32);
   return {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias};

@@ -129,7 +129,11 @@ def _groups(BC: torch.Tensor) -> torch.Tensor:
 
 
 class _SelectiveScanCuda(torch.autograd.Function):
-    """Forward and backward CUDA kernels; the backward recomputes states from the forward's checkpoints."""
+    """Forward and backward CUDA kernels; the backward recomputes states from the forward's checkpoints.
+
+    The backward is deterministic (no atomics: dB / dC are summed through per-block partials in a
+    fixed order), so repeated runs give bit-identical gradients.  Design: csrc/README.md.
+    """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):

@@ -9,15 +9,15 @@ error (register or shared-memory overflow) of the kernels for the real target ar
 Flags come from setup.py (its literals are read with ``ast``; the file is not run) plus the flags
 torch's extension builder adds, so this compiles what ``pip install`` compiles on a GPU machine.
 One difference, for time: ``-DCOMPRESSM_MAMBA_FAST_COMPILE_CHECK`` makes the headers instantiate
-fewer kernels: the scan for N = 12 and 256 (both thread layouts: several lanes per channel with the
-warp reduce-scatter, a whole warp per channel) instead of 11 sizes, the Gramians for 64 x 64 tiles
-only instead of 5 tile shapes (csrc/selective_scan/selective_scan.h, csrc/gramians/gramians.h).
-Every .cu file is still compiled, for every architecture, with every switch (z / no z, ltv / frozen,
-general / constant rows); static_asserts check the shared memory of every size that is not
-compiled.  The full set costs ~75 s of CPU per backward .cu and ~10 min for all of csrc/ on 2 cores;
-this check costs ~2.5 min of CPU (~80 s on 2 idle cores).  bindings.cpp is compiled with the C++
-compiler as in the build, and finally all objects are linked into one shared library to prove that
-every kernel entry point bindings.cpp calls is defined.  Skipped where nvcc is missing.
+fewer kernels: the scan for N = 4, 12, 16, 128 and 256 (every thread layout: 2 lanes x 2 states with
+the decay factors kept in registers, 2 x 6, 2 x 8, 16 x 8, 32 x 8 with the 4-step backward tile)
+instead of 11 sizes, the Gramians for 64 x 64 tiles only instead of 5 tile shapes
+(csrc/selective_scan/selective_scan.h, csrc/gramians/gramians.h).  Every .cu file is still compiled,
+for every architecture, with every switch (z / no z, ltv / frozen, general / constant rows);
+static_asserts check the shared memory of every size that is not compiled.  This check costs ~2 min
+of CPU in all (user + sys on the 2-core machine: 1 min 53 s + 11 s).  bindings.cpp is compiled with
+the C++ compiler as in the build, and finally all objects are linked into one shared library to
+prove that every kernel entry point bindings.cpp calls is defined.  Skipped where nvcc is missing.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 Every kernel-vs-reference check runs the reference in float64 on the very inputs the kernel saw
 (after rounding to fp16 / bf16).  Outputs are poisoned: COMPRESSM_MAMBA_POISON=1 makes the bindings
-fill every output with NaN before the kernel runs, and assert_close rejects non-finite values, so an
-element a kernel never writes fails the test.  Shapes are small and odd on purpose: dim is never a
-multiple of a block's channels, L crosses the 64-step checkpoint chunk, N covers every compiled
-state size and sizes in between (which run on the next larger kernel, masked).
+fill every output (and the backward's partial buffers) with NaN before the kernel runs, and
+assert_close rejects non-finite values, so an element a kernel never writes fails the test.  Shapes
+are small and odd on purpose: dim is never a multiple of a block's channels, L crosses the 64-step
+checkpoint chunk, N covers every compiled state size and sizes in between (which run on the next
+larger kernel, masked); L % 4 == 0 takes the vector loads, other L the element loads; one case has
+fewer backward slots than channel slices.
 
 Needs a GPU and the built extension: the requires_cuda mark skips without a GPU (tests/conftest.py);
 the module skips itself when compressm_mamba._C does not import.
@@ -45,8 +47,10 @@ GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 # (rtol, atol as a fraction of the compared tensor's largest |entry|, at least 1) by the dtype of the
 # tensor compared.  The kernels compute in fp32 from exactly the inputs the reference sees; the
-# error is fp32 accumulation (in any order: dB / dC use atomics) plus the final rounding to the
-# output's dtype: fp16 keeps 11 significant bits, bf16 8.  Same values as the Triton tests.
+# error is fp32 accumulation (in the kernels' fixed order), exp2 by MUFU.EX2 (within 2 ulp; the CPU
+# emulation, tests/ops/test_cuda_scan_emulation.py, shows twice that stays within these tolerances)
+# plus the final rounding to the output's dtype: fp16 keeps 11 significant bits, bf16 8.  Same
+# values as the Triton tests.
 SCAN_TOL = {
     torch.float32: (2e-5, 1e-5),
     torch.float16: (1e-3, 1e-3),
@@ -134,10 +138,11 @@ def test_scan_fp32_every_state_size(N):
     _run_raw_ops(batch=2, dim=134, N=N, L=130, ngroups=2, dtype=torch.float32, seed=N)
 
 
+@pytest.mark.parametrize("L", [75, 132], ids=["element-loads", "vector-loads"])  # L % 4 picks the path
 @pytest.mark.parametrize("N", [1, 12, 16, 64, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_scan_half_precision(N, dtype):
-    _run_raw_ops(batch=2, dim=37, N=N, L=75, ngroups=1, dtype=dtype, seed=N)
+def test_scan_half_precision(N, dtype, L):
+    _run_raw_ops(batch=2, dim=37, N=N, L=L, ngroups=1, dtype=dtype, seed=N)
 
 
 @pytest.mark.parametrize(
@@ -149,10 +154,49 @@ def test_scan_half_precision(N, dtype):
         pytest.param(3, 9, 4, 64, 3, dict(with_z=False, with_D=False), id="L-one-chunk-G3"),
         pytest.param(1, 200, 8, 65, 1, {}, id="L-chunk-plus-1"),
         pytest.param(1, 4, 256, 200, 4, dict(softplus=False), id="N256-one-channel-per-group"),
+        # 16 slices of 4 channels, but the dB / dC partials may only take ~2 slots' worth of memory
+        # (bindings.cpp: 576 KiB of inputs / 256 KiB per slot = 2 slots): blocks walk 8 slices each.
+        pytest.param(1, 64, 256, 128, 1, {}, id="N256-slots-fewer-than-slices"),
+        pytest.param(2, 130, 16, 256, 1, dict(with_bias=False), id="N16-vector-path-4-chunks"),
     ],
 )
 def test_scan_options_and_edges(batch, dim, N, L, ngroups, opts):
     _run_raw_ops(batch, dim, N, L, ngroups, torch.float32, **opts)
+
+
+def test_scan_misaligned_rows_use_element_loads():
+    """Inputs and dout one element off vector alignment (contiguous views) take the element-wise path."""
+    def misaligned(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEVICE)
+        view = buf[1:].view(t.shape).copy_(t)
+        assert view.is_contiguous() and view.data_ptr() % 8 != 0
+        return view
+
+    x = _scan_inputs(2, 7, 12, 68, 1, torch.bfloat16, seed=4)
+    for name in ("u", "delta", "z"):
+        x[name] = misaligned(x[name])
+    args = [x[k] for k in GRAD_NAMES]
+    out, _, ckpts = _cuda._ops().selective_scan_fwd(*args, True)
+    dout = misaligned(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, out.dtype))
+    ref_out, _, ref_grads = reference_scan_with_grads(x, dout, True)
+    _check(out, ref_out, "out")
+    grads = _cuda._ops().selective_scan_bwd(dout, *args, True, ckpts)
+    for name, grad in zip(GRAD_NAMES, grads):
+        _check(grad, ref_grads[name], f"d{name}")
+
+
+@pytest.mark.parametrize("N", [16, 128])
+def test_scan_backward_is_deterministic(N):
+    """No atomics: two backward runs give bit-identical gradients, dB / dC included (many channels per group)."""
+    x = _scan_inputs(2, 200, N, 150, 1, torch.float32, seed=6)
+    args = [x[k] for k in GRAD_NAMES]
+    ops_ = _cuda._ops()
+    _, _, ckpts = ops_.selective_scan_fwd(*args, True)
+    dout = torch.randn(2, 200, 150, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    first = ops_.selective_scan_bwd(dout, *args, True, ckpts)
+    second = ops_.selective_scan_bwd(dout, *args, True, ckpts)
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), f"d{name} differs between runs"
 
 
 def test_scan_empty_sequence():
@@ -358,14 +402,14 @@ def test_opcheck_selective_scan_fwd(with_options):
 
 @pytest.mark.parametrize("with_options", [True, False], ids=["D-z-bias", "bare"])
 def test_opcheck_selective_scan_bwd(with_options):
-    # One channel per group: the channel sums of dB / dC then add only exact zeros from padding
-    # lanes, so repeated runs agree bit for bit (opcheck compares runs).
-    x = _scan_inputs(2, 2, 12, 70, 2, torch.float32, with_D=with_options, with_z=with_options,
+    # The backward is deterministic (no atomics), so opcheck's repeated runs agree bit for bit even
+    # with several channels per group.
+    x = _scan_inputs(2, 6, 12, 70, 2, torch.float32, with_D=with_options, with_z=with_options,
                      with_bias=with_options)
     args = [x[k] for k in GRAD_NAMES]
     ops_ = _cuda._ops()
     _, _, ckpts = ops_.selective_scan_fwd(*args, True)
-    dout = torch.randn(2, 2, 70, device=DEVICE)
+    dout = torch.randn(2, 6, 70, device=DEVICE)
     _opcheck(ops_.selective_scan_bwd.default, [dout] + args + [True, ckpts])
 
 
