@@ -1,24 +1,67 @@
 """Triton selective scan (Mamba1, ``selective_scan_fn`` layout): forward and backward kernels.
 
-Mechanism only.  The launchers assert shapes and layouts and launch; input validation, making inputs
-contiguous, viewing 3-D B/C as one group and the autograd wrapper live in ``compressm_mamba.ops``.
-The float64 specification is ``compressm_mamba.reference.selective_scan``.
+Mechanism only: the launchers assert shapes and layouts, pick tile sizes and launch.  Input
+validation, making inputs contiguous, viewing 3-D B/C as one group and the autograd wrapper live in
+``compressm_mamba.ops``.  The float64 specification is ``compressm_mamba.reference.selective_scan``.
 
-Layout of the work: one program per (batch, group, block of ``BLOCK_D`` channels inside the group).
-Blocks never straddle a group, so every program reads a single B/C row per time step and its
-contributions to dB/dC belong to one group.  The state h (BLOCK_D x NP, NP = next power of two of
-N, padded lanes masked) lives in registers and the program walks time sequentially.  Everything is
-accumulated in fp32 whatever the input dtype.
+Design (why each choice; predicted costs are in bench/ and the issue, all PREDICTIONS until a GPU
+measures them):
 
-Forward: besides ``out`` and the last state it stores, for every chunk of ``chunk_size`` steps, the
-state at the chunk's start ("checkpoint").  Backward: chunks in reverse; each chunk's states are
-recomputed from its checkpoint into a per-program fp32 scratch buffer in global memory (chunk_size x
-BLOCK_D x NP per program, i.e. about batch * dim * chunk_size * N * 4 bytes in all), then the reverse
-recurrence runs over the chunk reading them back.
+* The work is an element-wise linear recurrence over (batch, channel d, state n) lanes along time,
+  h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]) and b_t = dt_t u_t B_t[n], plus reductions
+  over n (out, du, ddelta) and over d (dB, dC).
 
-Cross-program sums are written as per-program partials and reduced in torch by the launcher (no
-atomics), so results are deterministic run to run: dB/dC over the channel blocks of a group, dA / dD
-/ ddelta_bias over the batch.
+* Tile = one chunk of ``chunk_size`` (BLOCK_T) time steps for ``BLOCK_D`` channels, read with one
+  coalesced 2-D load per input (u, delta, z, dout): consecutive threads take consecutive steps of a
+  row, 16 bytes each.  Within the chunk the recurrence is ``tl.associative_scan`` along time over
+  the affine maps (a_t, b_t) (in-thread sequential, then a few warp shuffles); the state entering the
+  chunk is added as ``h = S + P * h_in`` with P the running product of a.  Nothing is loaded one
+  element per program per step at stride L.
+
+* States are a runtime loop ``for n in range(N)`` inside the chunk, not a padded (BLOCK_D, NP)
+  register tile: N = 12 does 12 iterations, not 16, so the cost is linear in N with no padding
+  waste and a N = 128 / N = 12 ratio near 128/12 minus the per-element share.  Any N <= 256 runs
+  the same code; registers do not grow with N.  What is per element and not per state (loading,
+  softplus, sigmoid(z), D u, the epilogues) is done once per element of the tile, by the thread
+  that owns it, before / after the state loop.
+
+* exp2: the launcher passes A2 = A * log2(e), transposed to (N, dim) so that a state's row of A for
+  a channel block is one contiguous load; a_t = exp2(dt_t * A2) is one multiply and one MUFU.EX2.
+  Gradients with respect to the natural A multiply by ln 2 once per element, not per state.
+
+* Between consecutive chunks of a program the per-state carries (BLOCK_D values per n) go through
+  global memory, at the slot where they are needed anyway: the forward writes the state at each
+  chunk start into the checkpoint buffer (which the backward reads), the backward writes dL/dh at
+  each chunk start into its carry buffer.  One ``debug_barrier`` per chunk orders those writes and
+  reads between the threads of the program.  The last column of a scanned tile is written with a
+  store masked to that column (no cross-thread reduction to extract it).
+
+* Parallelism over time only where batch x channels cannot fill the GPU: a program walks the chunks
+  of one time *split*; ``n_splits`` > 1 adds a chunk-local pass (zero initial carry; the split's end
+  state and its sum of dt) and a sequential carry pass over splits (tiny, in torch:
+  h_start[s+1] = h_loc_end[s] + exp2(A2 * sum dt[s]) * h_start[s]), then the full pass from the
+  true split starts.  That local pass doubles the scan work, so the launcher uses it only when
+  batch * dim / BLOCK_D programs would leave the GPU under-occupied (at batch 8, dim 3072 there are
+  1536 programs of 4 warps: one split, no extra pass).
+
+* Backward: per chunk, in reverse, the chunk's states are recomputed from its checkpoint by the same
+  forward scan (no per-step state is stored anywhere), then dL/dh is a reverse scan
+  g_t = dy_t C_t + a_{t+1} g_{t+1} over (a_{t+1}, dy_t C_t); a_{t+1} comes from a second, shifted
+  load of delta (per element, L1-resident), so no register shift is needed.  a_t h_{t-1} is
+  h_t - b_t, so dA, ddelta use g_t (h_t - b_t) without h_{t-1}.
+
+* dB, dC are deterministic without atomics: a program owns a (batch, group, channel split p, time
+  split) and walks its channel blocks one after the other, adding each block's sum over channels
+  into its own fp32 partial row (batch, group, p, N, L); a second pass (torch ``sum`` over p) adds
+  the P partials.  P is bounded so that the partials are no larger than the backward's inputs
+  (P <= bytes(u, delta, z, dout, B, C) / (8 * batch * groups * N * L)); at batch 8, dim 3072,
+  L 2048, bf16 that is 192 at N <= 16 and 24 at N = 128.  dA, dD, ddelta_bias partials are per
+  (time split, batch, channel): small and summed in torch.  Scratch of the backward in bytes:
+  8 B G P N L (dB/dC partials) + 4 S B dim (N + 2) (dA/dD/dbias partials) + 4 S B dim N (carries).
+
+* Everything accumulates in fp32; addresses are int64 where products can pass 2**31; every load
+  and store is masked on channel, time and state edges (masked steps are the identity map a = 1,
+  b = 0, so partial chunks need no special case).
 """
 
 from __future__ import annotations
@@ -30,11 +73,21 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["selective_scan_fwd", "selective_scan_bwd"]
+__all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_chunk_size", "LOG2E"]
+
+LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 # Debug aid: when set (or poison=True is passed), every buffer the kernels must fill is first
 # filled with NaN, so an element a kernel forgets to write shows up as NaN instead of stale memory.
 _POISON_ENV = "COMPRESSM_MAMBA_POISON"
+
+# Elements of one (BLOCK_D, BLOCK_T) tile: 8 per thread at 4 warps.  The backward keeps about 16
+# such tiles live (inputs, accumulators, the two scans), ~128 registers.
+_TILE_ELEMS = 1024
+_NUM_WARPS = 4
+# Programs of 4 warps that keep every SM busy (8 per SM: 32 resident warps per SM).
+_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -54,215 +107,301 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    out_ptr, last_state_ptr, ckpt_ptr,
-    dim, L, ngroups, dim_per_group, n_chunks, chunk_size,
-    N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-):
-    """One program: batch ``pid_b``, group ``pid_g``, channels ``pid_blk * BLOCK_D + [0, BLOCK_D)`` of it.
-
-    u, delta, z, out: (batch, dim, L) contiguous; A: (dim, N); B, C: (batch, ngroups, N, L)
-    contiguous; D, bias: (dim,); last_state: (batch, dim, N) fp32; ckpt: (batch, dim, n_chunks, N) fp32.
-    """
-    pid_b = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    pid_blk = tl.program_id(2)
-
-    offs_j = pid_blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_j < dim_per_group
-    offs_d = pid_g * dim_per_group + offs_j
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-
-    # int64: batch * dim * L and batch * ngroups * N * L may exceed 2**31 for long sequences.
-    row = (pid_b * dim + offs_d).to(tl.int64) * L  # (BLOCK_D,) start of each channel's time row
-    bc_base = (pid_b * ngroups + pid_g).to(tl.int64) * N * L
-    bc_offs = bc_base + offs_n.to(tl.int64) * L  # (NP,) start of each state's time row
-    state_offs = (pid_b * dim + offs_d).to(tl.int64)[:, None] * N + offs_n[None, :]
-    ckpt_offs = (pid_b * dim + offs_d).to(tl.int64)[:, None] * n_chunks * N + offs_n[None, :]
-
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    # Padded channels and state lanes load u = 0 and B = 0, so their state stays exactly 0.
-    h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
-    for c in range(0, n_chunks):
-        tl.store(ckpt_ptr + ckpt_offs + c * N, h, mask=mask_dn)
-        t_start = c * chunk_size
-        t_end = tl.minimum(t_start + chunk_size, L)
-        for t in range(t_start, t_end):
-            u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            B_t = tl.load(B_ptr + bc_offs + t, mask=mask_n, other=0.0).to(tl.float32)
-            C_t = tl.load(C_ptr + bc_offs + t, mask=mask_n, other=0.0).to(tl.float32)
-            a = tl.exp(dt[:, None] * A)
-            h = a * h + (dt * u_t)[:, None] * B_t[None, :]
-            y = tl.sum(h * C_t[None, :], axis=1)
-            if HAS_D:
-                y = y + Dv * u_t
-            if HAS_Z:
-                z_t = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                y = y * (z_t * _sigmoid(z_t))
-            tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
+def _affine_combine(a1, b1, a2, b2):
+    # Composition of x -> a1 x + b1 (first) then x -> a2 x + b2.  A forward scan gives the running
+    # state from a zero start; with reverse=True the first argument is the later accumulated map,
+    # so the same function composes g_t = c_t + alpha_t g_{t+1}.
+    return a1 * a2, a2 * b1 + b2
 
 
 @triton.jit
-def _selective_scan_bwd_kernel(
-    dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, scratch_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
-    dim, L, ngroups, dim_per_group, n_blocks, n_chunks, chunk_size,
-    N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(raw, dt): delta + bias, and softplus of it; dt is 0 where masked (the identity step)."""
+    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    return raw, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _store_column(ptr_d, value, col, mask_d, offs_t):
+    """Store value[:, col] at ptr_d[:] (ptr_d: (BLOCK_D,) pointers) by a store masked to that column."""
+    ptrs = ptr_d[:, None] + offs_t[None, :] * 0
+    tl.store(ptrs, value, mask=mask_d[:, None] & (offs_t == col)[None, :])
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A2t_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    out_ptr, ckpt_ptr, dtsum_ptr,
+    dim, L, ngroups, dim_per_group, blocks_per_group, n_chunks, chunks_per_split, ck_stride_d,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    LOCAL: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
 ):
-    """One program per (batch, group, channel block), as in the forward.
+    """Program (group * blocks_per_group + block, batch, time split): BLOCK_D channels, its chunks in order.
 
-    dout, u, delta, z, du, ddelta, dz: (batch, dim, L) contiguous; ckpt: (batch, dim, n_chunks, N) fp32;
-    scratch: fp32, chunk_size * BLOCK_D * NP per program; partials (fp32, all fully written):
-    dA_part (batch, dim, N), dB_part / dC_part (batch, ngroups, n_blocks, L, N), dD_part and
-    dbias_part (batch, dim).
+    u, delta, z, out: (batch, dim, L); A2t: (N, dim) fp32 = A^T log2(e); B, C: (batch, ngroups, N, L);
+    D, bias: (dim,); ckpt: fp32, row stride ck_stride_d per (batch, channel), slot c * N + n = state
+    before chunk c, slot n_chunks * N + n = last state; dtsum: (batch, dim, n_splits) fp32.
+    LOCAL: start the split from a zero state, write only carries, the split's end state (into slot
+    c1, the next split's start, which the carry pass then overwrites) and the split's sum of dt.
+    Otherwise: start from ckpt slot c0 and write out, the checkpoints inside the split and, for the
+    last split, the last state.
     """
-    pid_b = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    pid_blk = tl.program_id(2)
+    pid_blk = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    pid_g = pid_blk // blocks_per_group
+    blk = pid_blk % blocks_per_group
 
-    offs_j = pid_blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_j = blk * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_j < dim_per_group
     offs_d = pid_g * dim_per_group + offs_j
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    offs_t = tl.arange(0, BLOCK_T)
 
+    # int64: batch * dim * L and batch * ngroups * N * L may exceed 2**31 for long sequences.
     row = (pid_b * dim + offs_d).to(tl.int64) * L
     bc_base = (pid_b * ngroups + pid_g).to(tl.int64) * N * L
-    bc_offs = bc_base + offs_n.to(tl.int64) * L
-    state_offs = (pid_b * dim + offs_d).to(tl.int64)[:, None] * N + offs_n[None, :]
-    ckpt_offs = (pid_b * dim + offs_d).to(tl.int64)[:, None] * n_chunks * N + offs_n[None, :]
-    program = (pid_b * ngroups + pid_g) * n_blocks + pid_blk
-    part_bc = program.to(tl.int64) * L * N + offs_n  # (NP,) this program's dB/dC partial rows
-    scratch_base = program.to(tl.int64) * chunk_size * (BLOCK_D * NP)
-    scratch_offs = tl.arange(0, BLOCK_D)[:, None] * NP + offs_n[None, :]
+    ck_row = (pid_b * dim + offs_d).to(tl.int64) * ck_stride_d
 
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
-    # g_carry = a_{t+1} * dL/dh_{t+1}: the part of dL/dh_t that flows back from the future.
-    g_carry = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for c_rev in range(0, n_chunks):
-        c = n_chunks - 1 - c_rev
-        t_start = c * chunk_size
-        t_end = tl.minimum(t_start + chunk_size, L)
+    c0 = pid_s * chunks_per_split
+    c1 = tl.minimum(c0 + chunks_per_split, n_chunks)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for c in range(c0, c1):
+        t = c * BLOCK_T + offs_t
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        offs2 = row[:, None] + t[None, :]
+        col_last = tl.minimum(BLOCK_T, L - c * BLOCK_T) - 1
+        # The end state of this chunk is the next chunk's start.  In the full pass the slot of the
+        # next split's start (already filled by the carry pass) is left alone; the last chunk's end
+        # is the last state (slot n_chunks).
+        if LOCAL:
+            write_end = c1 > c0
+        else:
+            write_end = (c + 1 < c1) | (c1 == n_chunks)
 
-        # Recompute the chunk's states; slot t - t_start holds h_{t-1}, the state before step t.
-        h = tl.load(ckpt_ptr + ckpt_offs + c * N, mask=mask_dn, other=0.0)
-        for t in range(t_start, t_end):
-            tl.store(scratch_ptr + scratch_base + (t - t_start) * (BLOCK_D * NP) + scratch_offs, h)
-            u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            B_t = tl.load(B_ptr + bc_offs + t, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t[None, :]
-        # The scratch is written and read back in the same register layout, but a barrier makes the
-        # global-memory round trip correct whichever thread the compiler assigns to an element.
+        u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+        raw, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
+        dtu = dt * u
+        if LOCAL:
+            dt_sum += tl.sum(dt, axis=1)
+        else:
+            y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+        for n in range(N):
+            A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
+            B_n = tl.load(B_ptr + bc_base + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
+            if LOCAL:
+                h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (c > c0), other=0.0)
+            else:
+                h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d, other=0.0)
+            a = tl.exp2(dt * A2[:, None])
+            b = dtu * B_n[None, :]
+            P, S = tl.associative_scan((a, b), axis=1, combine_fn=_affine_combine)
+            h = S + P * h_in[:, None]
+            if not LOCAL:
+                C_n = tl.load(C_ptr + bc_base + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
+                y += h * C_n[None, :]
+            _store_column(ckpt_ptr + ck_row + (c + 1) * N + n, h, col_last, mask_d & write_end, offs_t)
+        # Carries written in this chunk are read by other threads of the program in the next one.
         tl.debug_barrier()
 
-        # Reverse over the chunk; h_cur = h_t, with h_{t-1} read back from the scratch.
-        h_cur = h
-        for i in range(0, t_end - t_start):
-            t = t_end - 1 - i
-            h_prev = tl.load(scratch_ptr + scratch_base + (t - t_start) * (BLOCK_D * NP) + scratch_offs)
-            u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            raw = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                raw = raw + bias
-            if SOFTPLUS:
-                dt = _softplus(raw)
-            else:
-                dt = raw
-            B_t = tl.load(B_ptr + bc_offs + t, mask=mask_n, other=0.0).to(tl.float32)
-            C_t = tl.load(C_ptr + bc_offs + t, mask=mask_n, other=0.0).to(tl.float32)
-            # Padded channels load dout = 0, so dy, g and every partial they feed are exactly 0.
-            dout_t = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_Z:
-                z_t = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                sig_z = _sigmoid(z_t)
-                dy = dout_t * z_t * sig_z
-                y_pre = tl.sum(h_cur * C_t[None, :], axis=1)
-                if HAS_D:
-                    y_pre = y_pre + Dv * u_t
-                dz = dout_t * y_pre * sig_z * (1.0 + z_t * (1.0 - sig_z))
-                tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
-            else:
-                dy = dout_t
-
-            g = g_carry + dy[:, None] * C_t[None, :]  # dL/dh_t
-            a = tl.exp(dt[:, None] * A)
-            g_B = tl.sum(g * B_t[None, :], axis=1)
-            du = dt * g_B
+        if not LOCAL:
             if HAS_D:
-                du = du + dy * Dv
-                dD_acc += dy * u_t
-            tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=mask_d)
-
-            tl.store(dB_part_ptr + part_bc + t * N, tl.sum(g * (dt * u_t)[:, None], axis=0), mask=mask_n)
-            tl.store(dC_part_ptr + part_bc + t * N, tl.sum(h_cur * dy[:, None], axis=0), mask=mask_n)
-
-            g_a_hprev = g * a * h_prev
-            ddt = u_t * g_B + tl.sum(g_a_hprev * A, axis=1)
-            dA_acc += g_a_hprev * dt[:, None]
-            if SOFTPLUS:
-                ddt = ddt * _sigmoid(raw)
-            dbias_acc += ddt
-            tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_d)
-
-            g_carry = g * a
-            h_cur = h_prev
-        # The next chunk's recompute overwrites the scratch slots just read.
-        tl.debug_barrier()
-
-    tl.store(dA_part_ptr + state_offs, dA_acc, mask=mask_dn)
-    bd_offs = (pid_b * dim + offs_d).to(tl.int64)
-    if HAS_D:
-        tl.store(dD_part_ptr + bd_offs, dD_acc, mask=mask_d)
-    if HAS_BIAS:
-        tl.store(dbias_part_ptr + bd_offs, dbias_acc, mask=mask_d)
+                y += Dv[:, None] * u
+            if HAS_Z:
+                zv = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                y = y * (zv * _sigmoid(zv))
+            tl.store(out_ptr + offs2, y.to(out_ptr.dtype.element_ty), mask=m2)
+    if LOCAL:
+        tl.store(dtsum_ptr + (pid_b * dim + offs_d).to(tl.int64) * tl.num_programs(2) + pid_s, dt_sum, mask=mask_d)
 
 
-def _config(N: int, dim_per_group: int, block_d: int | None):
-    """(NP, BLOCK_D, num_warps) for a launch.
+@triton.jit
+def _scan_bwd_kernel(
+    dout_ptr, u_ptr, delta_ptr, A2t_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, gcarry_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dBC_part_ptr, dD_part_ptr, dbias_part_ptr, dtsum_ptr,
+    batch, dim, L, ngroups, dim_per_group, blocks_per_group, blocks_per_psplit, n_psplits,
+    n_chunks, chunks_per_split, ck_stride_d, dC_offset,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    LOCAL: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+):
+    """Program (group * n_psplits + p, batch, time split s): channel blocks of split p, chunks of s in reverse.
 
-    The register tile BLOCK_D x NP is kept near 512 fp32 elements, about 4 per thread: with that,
-    ptxas -v (sm_90) showed the backward, which keeps several such tiles live, at most ~230 registers
-    and no more than a few bytes of spills for N = 1..256, while 2048-element tiles spilled
-    kilobytes.  At least 4 channels per program so that each program has some work per time step
-    even for N = 256.
+    dout, u, delta, z, du, ddelta, dz: (batch, dim, L); A2t: (N, dim) fp32; B, C: (batch, ngroups,
+    N, L); ckpt: as written by the forward; gcarry: (batch, dim, n_splits, N) fp32, dL/dh at the
+    first step after the split on entry, at the split's first step on exit; dA_part: (n_splits,
+    batch, dim, N) fp32, zero on entry; dBC_part: (2, batch, ngroups, n_psplits, N, L) fp32;
+    dD_part, dbias_part: (n_splits, batch, dim) fp32; dtsum: (batch, dim, n_splits) fp32.
+    LOCAL: only the reverse scan from a zero carry, giving gcarry at the split's start and the
+    split's sum of dt_{t+1} (the exponent of its total decay), for the carry pass.
     """
-    NP = triton.next_power_of_2(max(N, 1))
+    pid_gp = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    pid_g = pid_gp // n_psplits
+    pid_p = pid_gp % n_psplits
+
+    offs_t = tl.arange(0, BLOCK_T)
+    bc_base = (pid_b * ngroups + pid_g).to(tl.int64) * N * L
+    part_B = ((pid_b * ngroups + pid_g) * n_psplits + pid_p).to(tl.int64) * N * L
+    part_C = part_B + dC_offset
+
+    c0 = pid_s * chunks_per_split
+    c1 = tl.minimum(c0 + chunks_per_split, n_chunks)
+    blk0 = pid_p * blocks_per_psplit
+    blk1 = tl.minimum(blk0 + blocks_per_psplit, blocks_per_group)
+    for blk in range(blk0, blk1):
+        offs_j = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_j < dim_per_group
+        offs_d = pid_g * dim_per_group + offs_j
+        row = (pid_b * dim + offs_d).to(tl.int64) * L
+        ck_row = (pid_b * dim + offs_d).to(tl.int64) * ck_stride_d
+        g_row = ((pid_b * dim + offs_d).to(tl.int64) * n_splits + pid_s) * N
+        small_row = (pid_s * batch + pid_b).to(tl.int64) * dim + offs_d
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dtn_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+        for c_rev in range(c0, c1):
+            c = c1 - 1 - (c_rev - c0)
+            t = c * BLOCK_T + offs_t
+            mask_t = t < L
+            m2 = mask_d[:, None] & mask_t[None, :]
+            offs2 = row[:, None] + t[None, :]
+            # dt_{t+1}: the decay that carries dL/dh_{t+1} back to step t; 0 (a = 1) after the end.
+            m_next = mask_d[:, None] & (t + 1 < L)[None, :]
+            _, dt_next = _load_dt(delta_ptr, offs2 + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
+
+            # Padded channels and steps load dout = 0, so dy, g and every sum they feed are 0.
+            dout = tl.load(dout_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zv = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                sig_z = _sigmoid(zv)
+                dy = dout * zv * sig_z
+            else:
+                dy = dout
+            if LOCAL:
+                dtn_sum += tl.sum(dt_next, axis=1)
+            else:
+                u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                raw, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
+                dtu = dt * u
+                y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+                gB = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g B
+                gxA = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g (h - b) A2
+            for n in range(N):
+                A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
+                C_n = tl.load(C_ptr + bc_base + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
+                g_in = tl.load(gcarry_ptr + g_row + n, mask=mask_d, other=0.0)
+                alpha = tl.exp2(dt_next * A2[:, None])
+                cy = dy * C_n[None, :]
+                Pg, R = tl.associative_scan((alpha, cy), axis=1, combine_fn=_affine_combine, reverse=True)
+                g = R + Pg * g_in[:, None]  # dL/dh_t
+                if not LOCAL:
+                    B_n = tl.load(B_ptr + bc_base + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
+                    h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d, other=0.0)
+                    a = tl.exp2(dt * A2[:, None])
+                    b = dtu * B_n[None, :]
+                    P, S = tl.associative_scan((a, b), axis=1, combine_fn=_affine_combine)
+                    h = S + P * h_in[:, None]
+                    y += h * C_n[None, :]
+                    # a_t h_{t-1} = h_t - b_t: the gradient through a_t needs no shifted state.
+                    x = g * (h - b)
+                    gxA += x * A2[:, None]
+                    gB += g * B_n[None, :]
+                    dA_ptrs = dA_part_ptr + small_row * N + n
+                    dA_prev = tl.load(dA_ptrs, mask=mask_d, other=0.0)
+                    tl.store(dA_ptrs, dA_prev + tl.sum(x * dt, axis=1), mask=mask_d)
+                    # This program's partial over its channel split: the first block stores, the
+                    # others add (barriers between blocks order them; nothing else touches it).
+                    bc_offs = n * L + t
+                    later = blk != blk0
+                    dB_prev = tl.load(dBC_part_ptr + part_B + bc_offs, mask=mask_t & later, other=0.0)
+                    tl.store(dBC_part_ptr + part_B + bc_offs, dB_prev + tl.sum(g * dtu, axis=0), mask=mask_t)
+                    dC_prev = tl.load(dBC_part_ptr + part_C + bc_offs, mask=mask_t & later, other=0.0)
+                    tl.store(dBC_part_ptr + part_C + bc_offs, dC_prev + tl.sum(h * dy, axis=0), mask=mask_t)
+                _store_column(gcarry_ptr + g_row + n, g, 0, mask_d, offs_t)
+            tl.debug_barrier()
+
+            if not LOCAL:
+                du = dt * gB
+                if HAS_D:
+                    du += Dv[:, None] * dy
+                    dD_acc += tl.sum(dy * u, axis=1)
+                tl.store(du_ptr + offs2, du.to(du_ptr.dtype.element_ty), mask=m2)
+                ddt = u * gB + gxA * _LN2
+                if SOFTPLUS:
+                    ddt = ddt * _sigmoid(raw)
+                ddt = tl.where(m2, ddt, 0.0)
+                dbias_acc += tl.sum(ddt, axis=1)
+                tl.store(ddelta_ptr + offs2, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+                if HAS_Z:
+                    if HAS_D:
+                        y += Dv[:, None] * u
+                    dz = dout * y * sig_z * (1.0 + zv * (1.0 - sig_z))
+                    tl.store(dz_ptr + offs2, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+
+        if LOCAL:
+            tl.store(dtsum_ptr + (pid_b * dim + offs_d).to(tl.int64) * n_splits + pid_s, dtn_sum, mask=mask_d)
+        else:
+            if HAS_D:
+                tl.store(dD_part_ptr + small_row, dD_acc, mask=mask_d)
+            if HAS_BIAS:
+                tl.store(dbias_part_ptr + small_row, dbias_acc, mask=mask_d)
+
+
+def default_chunk_size(N: int) -> int:
+    """Time steps per chunk (= the time tile and the checkpoint interval) for state size N.
+
+    The checkpoints are (batch, dim, L / chunk, N) fp32: 4 N / chunk bytes per element of u, at most
+    8 (the size of four bf16 inputs) with 64 steps up to N = 128 and 128 steps above.
+    """
+    return 64 if N <= 128 else 128
+
+
+def _block_d(chunk_size: int, dim_per_group: int, block_d: int | None) -> int:
     if block_d is None:
-        block_d = max(4, min(32, 512 // NP))
-        block_d = min(block_d, triton.next_power_of_2(dim_per_group))
+        block_d = max(1, _TILE_ELEMS // chunk_size)
+        block_d = min(block_d, triton.next_power_of_2(max(dim_per_group, 1)))
     assert block_d >= 1 and block_d & (block_d - 1) == 0, f"block_d must be a power of two, got {block_d}"
-    num_warps = min(8, max(1, block_d * NP // 128))
-    return NP, block_d, num_warps
+    return block_d
+
+
+def _sm_count(device) -> int:
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100 / H200: what the launch plan is sized for when no GPU says otherwise
+
+
+def _time_splits(programs: int, n_chunks: int, device, n_splits: int | None) -> tuple[int, int]:
+    """(n_splits, chunks_per_split): split time only when ``programs`` cannot fill the GPU."""
+    if n_splits is None:
+        target = _sm_count(device) * _PROGRAMS_PER_SM
+        n_splits = max(1, -(-target // max(programs, 1)))
+    n_splits = max(1, min(n_splits, max(n_chunks, 1)))
+    per = max(1, -(-max(n_chunks, 1) // n_splits))
+    return -(-max(n_chunks, 1) // per), per
 
 
 def _want_poison(poison: bool | None) -> bool:
@@ -288,7 +427,9 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, chunk_size):
     assert C.shape == B.shape, f"C shape {tuple(C.shape)} != B shape {tuple(B.shape)}"
     ngroups = B.shape[1]
     assert ngroups >= 1 and dim % ngroups == 0, f"dim={dim} is not a multiple of ngroups={ngroups}"
-    assert chunk_size >= 1, f"chunk_size must be positive, got {chunk_size}"
+    assert chunk_size >= 1 and chunk_size & (chunk_size - 1) == 0, (
+        f"chunk_size must be a power of two, got {chunk_size}"
+    )
     assert delta.shape == u.shape and delta.dtype == u.dtype, "delta must match u's shape and dtype"
     if z is not None:
         assert z.shape == u.shape and z.dtype == u.dtype, "z must match u's shape and dtype"
@@ -303,8 +444,13 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, chunk_size):
     return batch, dim, L, N, ngroups
 
 
-def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk_size: int = 64, *,
-                       block_d: int | None = None, poison: bool | None = None):
+def _A2t(A):
+    """A^T log2(e), (N, dim) fp32 contiguous: exp(dt A) = exp2(dt A2), one row load per state."""
+    return (A.float() * LOG2E).t().contiguous()
+
+
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk_size: int | None = None,
+                       *, block_d: int | None = None, n_splits: int | None = None, poison: bool | None = None):
     """Forward selective scan.
 
     Args:
@@ -313,51 +459,91 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
         B, C: (batch, G, N, L) contiguous, in u's dtype or fp32; channel d uses group d // (dim // G).
         D, delta_bias: (dim,) fp32 or None.
         delta_softplus: apply softplus to delta + delta_bias.
-        chunk_size: time steps between two checkpoints.
-        block_d: channels per program (power of two); None picks one from N.
+        chunk_size: time steps per chunk (a power of two): the time tile and the checkpoint interval;
+            None: ``default_chunk_size(N)``.
+        block_d: channels per program (power of two); None picks 1024 // chunk_size.
+        n_splits: time splits run in parallel (chunked scan with a carry pass); None: as many as
+            needed to fill the GPU, 1 when batch x channel blocks already do.
         poison: fill the outputs with NaN before launching (debug); None reads COMPRESSM_MAMBA_POISON.
 
     Returns:
         (out, last_state, checkpoints): out (batch, dim, L) in u.dtype; last_state (batch, dim, N) fp32;
-        checkpoints (batch, dim, ceil(L / chunk_size), N) fp32, the state h at the start of each chunk
-        (before its first step), from which the backward recomputes states chunk by chunk.
+        checkpoints (batch, dim, ceil(L / chunk_size), N) fp32 (a view, row stride (n_chunks + 1) N),
+        the state h at the start of each chunk, from which the backward recomputes states.
     """
+    N = A.shape[1] if A.dim() == 2 else 0
+    chunk_size = default_chunk_size(N) if chunk_size is None else chunk_size
     batch, dim, L, N, ngroups = _check_args(u, delta, A, B, C, D, z, delta_bias, chunk_size)
     poison = _want_poison(poison)
     dim_per_group = dim // ngroups
     n_chunks = math.ceil(L / chunk_size)
-    NP, BLOCK_D, num_warps = _config(N, dim_per_group, block_d)
-    n_blocks = triton.cdiv(dim_per_group, BLOCK_D)
+    BLOCK_D = _block_d(chunk_size, dim_per_group, block_d)
+    blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
+    splits, per_split = _time_splits(batch * ngroups * blocks_per_group, n_chunks, u.device, n_splits)
 
     out = _empty((batch, dim, L), u.dtype, u.device, poison)
-    last_state = _empty((batch, dim, N), torch.float32, u.device, poison)
-    checkpoints = _empty((batch, dim, n_chunks, N), torch.float32, u.device, poison)
-    if batch == 0 or dim == 0:
-        return out, last_state, checkpoints
+    # Slot c < n_chunks: state before chunk c; slot n_chunks: the last state.
+    ckpt = _empty((batch, dim, n_chunks + 1, N), torch.float32, u.device, poison)
+    ckpt[:, :, 0] = 0.0
+    if batch == 0 or dim == 0 or L == 0:
+        ckpt.zero_()
+        return out, ckpt[:, :, n_chunks].contiguous(), ckpt[:, :, :n_chunks]
 
-    grid = (batch, ngroups, n_blocks)
-    _selective_scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-        delta_bias if delta_bias is not None else A,
-        out, last_state, checkpoints,
-        dim, L, ngroups, dim_per_group, n_chunks, chunk_size,
-        N=N, NP=NP, BLOCK_D=BLOCK_D,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), num_warps=num_warps,
-    )
-    return out, last_state, checkpoints
+    A2t = _A2t(A)
+    common = dict(N=N, BLOCK_D=BLOCK_D, BLOCK_T=chunk_size, HAS_D=D is not None, HAS_Z=z is not None,
+                  HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), num_warps=_NUM_WARPS)
+    args = (u, delta, A2t, B, C, D if D is not None else A2t, z if z is not None else u,
+            delta_bias if delta_bias is not None else A2t, out, ckpt)
+    sizes = (dim, L, ngroups, dim_per_group, blocks_per_group, n_chunks, per_split, (n_chunks + 1) * N)
+    grid = (ngroups * blocks_per_group, batch, splits)
+    if splits > 1:
+        dtsum = _empty((batch, dim, splits), torch.float32, u.device, poison)
+        _scan_fwd_kernel[grid](*args, dtsum, *sizes, LOCAL=True, **common)
+        # Carry pass: h at split s's start from split s-1's local end state and total decay.
+        decay = torch.exp2(A2t.t()[None, :, None, :] * dtsum[..., None])  # (batch, dim, splits, N)
+        h = torch.zeros(batch, dim, N, dtype=torch.float32, device=u.device)
+        for s in range(1, splits):
+            h = ckpt[:, :, s * per_split] + decay[:, :, s - 1] * h
+            ckpt[:, :, s * per_split] = h
+    _scan_fwd_kernel[grid](*args, ckpt, *sizes, LOCAL=False, **common)
+    return out, ckpt[:, :, n_chunks].contiguous(), ckpt[:, :, :n_chunks]
+
+
+def backward_plan(batch, dim, L, N, ngroups, chunk_size, input_bytes, device, *, block_d=None, n_splits=None,
+                  d_splits=None):
+    """(BLOCK_D, blocks_per_group, P, blocks_per_psplit, n_splits, chunks_per_split) of a backward launch.
+
+    P (channel splits with their own dB/dC partial) is bounded so that the fp32 partials,
+    8 batch G P N L bytes, are no larger than ``input_bytes`` (the backward's inputs); time splits
+    then make up the programs the GPU needs.
+    """
+    dim_per_group = dim // ngroups
+    n_chunks = math.ceil(L / chunk_size)
+    BLOCK_D = _block_d(chunk_size, dim_per_group, block_d)
+    blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
+    if d_splits is None:
+        d_splits = input_bytes // max(1, 8 * batch * ngroups * N * L)
+    d_splits = max(1, min(d_splits, blocks_per_group))
+    per_p = triton.cdiv(blocks_per_group, d_splits)
+    d_splits = triton.cdiv(blocks_per_group, per_p)
+    splits, per_split = _time_splits(batch * ngroups * d_splits, n_chunks, device, n_splits)
+    return BLOCK_D, blocks_per_group, d_splits, per_p, splits, per_split
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, checkpoints,
-                       chunk_size: int = 64, *, block_d: int | None = None, poison: bool | None = None):
+                       chunk_size: int | None = None, *, block_d: int | None = None, n_splits: int | None = None,
+                       d_splits: int | None = None, poison: bool | None = None):
     """Gradients of the scalar sum(out * dout) of ``selective_scan_fwd``.
 
     Args:
         dout: (batch, dim, L) contiguous, u's dtype.
         u, delta, A, B, C, D, z, delta_bias, delta_softplus: as given to ``selective_scan_fwd``.
         checkpoints: (batch, dim, ceil(L / chunk_size), N) fp32 from ``selective_scan_fwd`` with the
-            same chunk_size.
-        block_d, poison: as in ``selective_scan_fwd`` (block_d need not match the forward's).
+            same chunk_size (its last two strides N and 1).
+        block_d, n_splits: as in ``selective_scan_fwd`` (need not match the forward's).
+        d_splits: channel splits with their own dB/dC partial; None: the most whose partials fit in
+            the size of the inputs.
+        poison: as in ``selective_scan_fwd``.
 
     Returns:
         (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias): du, ddelta, dz (batch, dim, L) in the dtype of
@@ -365,56 +551,75 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
         dD, ddelta_bias (dim,) fp32, None when D / delta_bias are None.  ddelta is with respect to
         the raw delta (before bias and softplus).
     """
+    N = A.shape[1] if A.dim() == 2 else 0
+    chunk_size = default_chunk_size(N) if chunk_size is None else chunk_size
     batch, dim, L, N, ngroups = _check_args(u, delta, A, B, C, D, z, delta_bias, chunk_size)
     assert dout.shape == u.shape and dout.is_contiguous(), "dout must be contiguous with u's shape"
     poison = _want_poison(poison)
-    dim_per_group = dim // ngroups
     n_chunks = math.ceil(L / chunk_size)
     assert checkpoints.shape == (batch, dim, n_chunks, N) and checkpoints.dtype == torch.float32, (
         f"checkpoints must be (batch, dim, {n_chunks}, N) fp32, got {tuple(checkpoints.shape)} {checkpoints.dtype}"
     )
-    assert checkpoints.is_contiguous(), "checkpoints must be contiguous"
-    NP, BLOCK_D, num_warps = _config(N, dim_per_group, block_d)
-    n_blocks = triton.cdiv(dim_per_group, BLOCK_D)
+    ck_stride_d = checkpoints.stride(1)
+    assert checkpoints.stride()[2:] == (N, 1) and checkpoints.stride(0) == dim * ck_stride_d, (
+        "checkpoints must be rows of (chunk, N) contiguous states, as selective_scan_fwd returns them"
+    )
+    input_bytes = sum(t.numel() * t.element_size() for t in (dout, u, delta, z, B, C) if t is not None)
+    BLOCK_D, blocks_per_group, P, per_p, splits, per_split = backward_plan(
+        batch, dim, L, N, ngroups, chunk_size, input_bytes, u.device, block_d=block_d, n_splits=n_splits,
+        d_splits=d_splits)
     dev = u.device
     f32 = torch.float32
 
     du = _empty(u.shape, u.dtype, dev, poison)
     ddelta = _empty(delta.shape, delta.dtype, dev, poison)
     dz = _empty(z.shape, z.dtype, dev, poison) if z is not None else None
-    dA_part = _empty((batch, dim, N), f32, dev, poison)
-    dB_part = _empty((batch, ngroups, n_blocks, L, N), f32, dev, poison)
-    dC_part = _empty((batch, ngroups, n_blocks, L, N), f32, dev, poison)
-    dD_part = _empty((batch, dim), f32, dev, poison) if D is not None else None
-    dbias_part = _empty((batch, dim), f32, dev, poison) if delta_bias is not None else None
-    # A chunk never holds more than min(chunk_size, L) steps, so the scratch needs only that many
-    # slots per program.  Passing this clamped value as the kernel's chunk_size changes no chunk
-    # boundary (when L < chunk_size there is a single chunk either way); max(1, .) keeps the buffer
-    # non-empty so its pointer is valid when L == 0.
-    scratch_chunk = max(1, min(chunk_size, L))
-    scratch = _empty((max(1, batch * ngroups * n_blocks * scratch_chunk * BLOCK_D * NP),), f32, dev, poison)
+    dA_part = torch.zeros((splits, batch, dim, N), dtype=f32, device=dev)
+    dBC_part = _empty((2, batch, ngroups, P, N, L), f32, dev, poison)
+    dD_part = _empty((splits, batch, dim), f32, dev, poison) if D is not None else None
+    dbias_part = _empty((splits, batch, dim), f32, dev, poison) if delta_bias is not None else None
+    gcarry = torch.zeros((batch, dim, splits, N), dtype=f32, device=dev)
 
-    if batch > 0 and dim > 0:
-        grid = (batch, ngroups, n_blocks)
-        _selective_scan_bwd_kernel[grid](
-            dout, u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-            delta_bias if delta_bias is not None else A, checkpoints, scratch,
-            du, ddelta, dz if dz is not None else du, dA_part, dB_part, dC_part,
-            dD_part if dD_part is not None else dA_part, dbias_part if dbias_part is not None else dA_part,
-            dim, L, ngroups, dim_per_group, n_blocks, n_chunks, scratch_chunk,
-            N=N, NP=NP, BLOCK_D=BLOCK_D,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), num_warps=num_warps,
-        )
+    if batch > 0 and dim > 0 and L > 0:
+        A2t = _A2t(A)
+        common = dict(N=N, BLOCK_D=BLOCK_D, BLOCK_T=chunk_size, HAS_D=D is not None, HAS_Z=z is not None,
+                      HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), num_warps=_NUM_WARPS)
+        grid = (ngroups * P, batch, splits)
+        dtsum = _empty((batch, dim, splits), f32, dev, poison) if splits > 1 else gcarry
+
+        def launch(local):
+            _scan_bwd_kernel[grid](
+                dout, u, delta, A2t, B, C, D if D is not None else A2t, z if z is not None else u,
+                delta_bias if delta_bias is not None else A2t, checkpoints, gcarry,
+                du, ddelta, dz if dz is not None else du, dA_part, dBC_part,
+                dD_part if dD_part is not None else dA_part, dbias_part if dbias_part is not None else dA_part,
+                dtsum,
+                batch, dim, L, ngroups, dim // ngroups, blocks_per_group, per_p, P, n_chunks, per_split, ck_stride_d,
+                dBC_part[1].storage_offset(),
+                LOCAL=local, **common,
+            )
+
+        if splits > 1:
+            launch(True)
+            # Carry pass, last split first: dL/dh after split s = local dL/dh at split s+1's start
+            # plus split s+1's total decay times dL/dh after split s+1.
+            decay = torch.exp2(A2t.t()[None, :, None, :] * dtsum[..., None])
+            g_local = gcarry.clone()
+            g = torch.zeros(batch, dim, N, dtype=f32, device=dev)
+            for s in range(splits - 2, -1, -1):
+                g = g_local[:, :, s + 1] + decay[:, :, s + 1] * g
+                gcarry[:, :, s] = g
+            gcarry[:, :, splits - 1] = 0.0
+        launch(False)
     else:
         # No program runs: every sum is empty.
-        for t in (du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part):
+        for t in (du, ddelta, dz, dBC_part, dD_part, dbias_part):
             if t is not None:
                 t.zero_()
 
-    dA = dA_part.sum(0)
-    dB = dB_part.sum(2).transpose(-1, -2).to(B.dtype).contiguous()
-    dC = dC_part.sum(2).transpose(-1, -2).to(C.dtype).contiguous()
-    dD = dD_part.sum(0) if dD_part is not None else None
-    ddelta_bias = dbias_part.sum(0) if dbias_part is not None else None
+    dA = dA_part.sum((0, 1))
+    dB = dBC_part[0].sum(2).to(B.dtype)
+    dC = dBC_part[1].sum(2).to(C.dtype)
+    dD = dD_part.sum((0, 1)) if dD_part is not None else None
+    ddelta_bias = dbias_part.sum((0, 1)) if dbias_part is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias
