@@ -76,7 +76,7 @@ import triton.language as tl
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_chunk_size", "LOG2E"]
 
 LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+_LN2 = tl.constexpr(0.6931471805599453)
 
 # Debug aid: when set (or poison=True is passed), every buffer the kernels must fill is first
 # filled with NaN, so an element a kernel forgets to write shows up as NaN instead of stale memory.
@@ -128,10 +128,13 @@ def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 
 
 @triton.jit
-def _store_column(ptr_d, value, col, mask_d, offs_t):
-    """Store value[:, col] at ptr_d[:] (ptr_d: (BLOCK_D,) pointers) by a store masked to that column."""
-    ptrs = ptr_d[:, None] + offs_t[None, :] * 0
-    tl.store(ptrs, value, mask=mask_d[:, None] & (offs_t == col)[None, :])
+def _column(value, col, offs_t):
+    """value[:, col] as a (BLOCK_D,) vector: a masked sum along time, in value's own layout.
+
+    (A store masked to one column would be cheaper per element but makes the compiler convert the
+    whole tile to a one-element-per-thread layout through shared memory, with two barriers.)
+    """
+    return tl.sum(tl.where((offs_t == col)[None, :], value, 0.0), axis=1)
 
 
 @triton.jit
@@ -214,7 +217,7 @@ def _scan_fwd_kernel(
             if not LOCAL:
                 C_n = tl.load(C_ptr + bc_base + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
                 y += h * C_n[None, :]
-            _store_column(ckpt_ptr + ck_row + (c + 1) * N + n, h, col_last, mask_d & write_end, offs_t)
+            tl.store(ckpt_ptr + ck_row + (c + 1) * N + n, _column(h, col_last, offs_t), mask=mask_d & write_end)
         # Carries written in this chunk are read by other threads of the program in the next one.
         tl.debug_barrier()
 
@@ -341,7 +344,7 @@ def _scan_bwd_kernel(
                     tl.store(dBC_part_ptr + part_B + bc_offs, dB_prev + tl.sum(g * dtu, axis=0), mask=mask_t)
                     dC_prev = tl.load(dBC_part_ptr + part_C + bc_offs, mask=mask_t & later, other=0.0)
                     tl.store(dBC_part_ptr + part_C + bc_offs, dC_prev + tl.sum(h * dy, axis=0), mask=mask_t)
-                _store_column(gcarry_ptr + g_row + n, g, 0, mask_d, offs_t)
+                tl.store(gcarry_ptr + g_row + n, _column(g, 0, offs_t), mask=mask_d)
             tl.debug_barrier()
 
             if not LOCAL:
