@@ -73,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_chunk_size", "LOG2E"]
+__all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_chunk_size", "tile_config", "backward_plan", "LOG2E"]
 
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -82,12 +82,10 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # filled with NaN, so an element a kernel forgets to write shows up as NaN instead of stale memory.
 _POISON_ENV = "COMPRESSM_MAMBA_POISON"
 
-# Elements of one (BLOCK_D, BLOCK_T) tile: 8 per thread at 4 warps.  The backward keeps about 16
-# such tiles live (inputs, accumulators, the two scans), ~128 registers.
-_TILE_ELEMS = 1024
+# 32 channels per warp (one thread each), 4 warps per program.
 _NUM_WARPS = 4
-# Programs of 4 warps that keep every SM busy (8 per SM: 32 resident warps per SM).
-_PROGRAMS_PER_SM = 8
+# Resident warps per SM the launch plan aims for (half of the 64 an H100/H200 SM can hold).
+_WARPS_PER_SM = 32
 
 
 @triton.jit
@@ -140,25 +138,25 @@ def _column(value, col, offs_t):
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A2t_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    out_ptr, ckpt_ptr, dtsum_ptr,
-    dim, L, ngroups, dim_per_group, blocks_per_group, n_chunks, chunks_per_split, ck_stride_d,
+    out_ptr, ckpt_ptr, carry_ptr, dtsum_ptr,
+    dim, L, ngroups, dim_per_group, blocks_per_group, n_tiles, tiles_per_split, tiles_per_chunk, n_chunks,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     LOCAL: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
 ):
-    """Program (group * blocks_per_group + block, batch, time split): BLOCK_D channels, its chunks in order.
+    """Program (group * blocks_per_group + block, batch, time split s): BLOCK_D channels, the tiles of s in order.
 
     u, delta, z, out: (batch, dim, L); A2t: (N, dim) fp32 = A^T log2(e); B, C: (batch, ngroups, N, L);
-    D, bias: (dim,); ckpt: fp32, row stride ck_stride_d per (batch, channel), slot c * N + n = state
-    before chunk c, slot n_chunks * N + n = last state; dtsum: (batch, dim, n_splits) fp32.
-    LOCAL: start the split from a zero state, write only carries, the split's end state (into slot
-    c1, the next split's start, which the carry pass then overwrites) and the split's sum of dt.
-    Otherwise: start from ckpt slot c0 and write out, the checkpoints inside the split and, for the
-    last split, the last state.
+    D, bias: (dim,); ckpt: (batch, dim, n_chunks, N) fp32, the state before each chunk;
+    carry: (batch, n_splits, N, dim) fp32, the running state of split s (on entry its start, on exit
+    its end); dtsum: (batch, n_splits, dim) fp32.
+    LOCAL: start from a zero state and write only the carry (the split's local end state) and the
+    split's sum of dt, for the carry pass.  Otherwise start from the carry and write out and ckpt.
     """
     pid_blk = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2)
+    n_splits = tl.num_programs(2)
     pid_g = pid_blk // blocks_per_group
     blk = pid_blk % blocks_per_group
 
@@ -166,11 +164,13 @@ def _scan_fwd_kernel(
     mask_d = offs_j < dim_per_group
     offs_d = pid_g * dim_per_group + offs_j
     offs_t = tl.arange(0, BLOCK_T)
+    zero2 = (offs_j * 0)[:, None] + offs_t[None, :] * 0  # broadcasts B/C rows to the tile's layout
 
     # int64: batch * dim * L and batch * ngroups * N * L may exceed 2**31 for long sequences.
     row = (pid_b * dim + offs_d).to(tl.int64) * L
     bc_base = (pid_b * ngroups + pid_g).to(tl.int64) * N * L
-    ck_row = (pid_b * dim + offs_d).to(tl.int64) * ck_stride_d
+    ck_row = (pid_b * dim + offs_d).to(tl.int64) * n_chunks * N
+    car_base = (pid_b * n_splits + pid_s).to(tl.int64) * N * dim
 
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -179,22 +179,17 @@ def _scan_fwd_kernel(
     else:
         bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
-    c0 = pid_s * chunks_per_split
-    c1 = tl.minimum(c0 + chunks_per_split, n_chunks)
+    k0 = pid_s * tiles_per_split
+    k1 = tl.minimum(k0 + tiles_per_split, n_tiles)
     dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for c in range(c0, c1):
-        t = c * BLOCK_T + offs_t
+    for k in range(k0, k1):
+        t = k * BLOCK_T + offs_t
         mask_t = t < L
+        mask_t2 = (zero2 + t[None, :]) < L
         m2 = mask_d[:, None] & mask_t[None, :]
         offs2 = row[:, None] + t[None, :]
-        col_last = tl.minimum(BLOCK_T, L - c * BLOCK_T) - 1
-        # The end state of this chunk is the next chunk's start.  In the full pass the slot of the
-        # next split's start (already filled by the carry pass) is left alone; the last chunk's end
-        # is the last state (slot n_chunks).
-        if LOCAL:
-            write_end = c1 > c0
-        else:
-            write_end = (c + 1 < c1) | (c1 == n_chunks)
+        bc2 = bc_base + t[None, :] + zero2
+        chunk_start = (k % tiles_per_chunk) == 0
 
         u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
         raw, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
@@ -205,20 +200,23 @@ def _scan_fwd_kernel(
             y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
         for n in range(N):
             A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
-            B_n = tl.load(B_ptr + bc_base + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+            car_ptrs = carry_ptr + car_base + n * dim + offs_d
             if LOCAL:
-                h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (c > c0), other=0.0)
+                h_in = tl.load(car_ptrs, mask=mask_d & (k > k0), other=0.0)
             else:
-                h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d, other=0.0)
+                h_in = tl.load(car_ptrs, mask=mask_d, other=0.0)
+                tl.store(ckpt_ptr + ck_row + (k // tiles_per_chunk) * N + n, h_in, mask=mask_d & chunk_start)
             a = tl.exp2(dt * A2[:, None])
-            b = dtu * B_n[None, :]
+            b = dtu * B_n
             P, S = tl.associative_scan((a, b), axis=1, combine_fn=_affine_combine)
             h = S + P * h_in[:, None]
             if not LOCAL:
-                C_n = tl.load(C_ptr + bc_base + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
-                y += h * C_n[None, :]
-            tl.store(ckpt_ptr + ck_row + (c + 1) * N + n, _column(h, col_last, offs_t), mask=mask_d & write_end)
-        # Carries written in this chunk are read by other threads of the program in the next one.
+                C_n = tl.load(C_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+                y += h * C_n
+            # Steps past L are identity maps, so the last column is the state after the tile.
+            tl.store(car_ptrs, _column(h, BLOCK_T - 1, offs_t), mask=mask_d)
+        # The carries are read back next tile, possibly by another thread of the program.
         tl.debug_barrier()
 
         if not LOCAL:
@@ -229,28 +227,30 @@ def _scan_fwd_kernel(
                 y = y * (zv * _sigmoid(zv))
             tl.store(out_ptr + offs2, y.to(out_ptr.dtype.element_ty), mask=m2)
     if LOCAL:
-        tl.store(dtsum_ptr + (pid_b * dim + offs_d).to(tl.int64) * tl.num_programs(2) + pid_s, dt_sum, mask=mask_d)
+        tl.store(dtsum_ptr + (pid_b * n_splits + pid_s).to(tl.int64) * dim + offs_d, dt_sum, mask=mask_d)
 
 
 @triton.jit
 def _scan_bwd_kernel(
-    dout_ptr, u_ptr, delta_ptr, A2t_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, gcarry_ptr,
+    dout_ptr, u_ptr, delta_ptr, A2t_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, gcarry_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dBC_part_ptr, dD_part_ptr, dbias_part_ptr, dtsum_ptr,
     batch, dim, L, ngroups, dim_per_group, blocks_per_group, blocks_per_psplit, n_psplits,
-    n_chunks, chunks_per_split, ck_stride_d, dC_offset,
+    n_tiles, tiles_per_chunk, n_chunks, chunks_per_split, dC_offset,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     LOCAL: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
 ):
-    """Program (group * n_psplits + p, batch, time split s): channel blocks of split p, chunks of s in reverse.
+    """Program (group * n_psplits + p, batch, time split s): channel blocks of p; chunks of s last first.
 
     dout, u, delta, z, du, ddelta, dz: (batch, dim, L); A2t: (N, dim) fp32; B, C: (batch, ngroups,
-    N, L); ckpt: as written by the forward; gcarry: (batch, dim, n_splits, N) fp32, dL/dh at the
-    first step after the split on entry, at the split's first step on exit; dA_part: (n_splits,
-    batch, dim, N) fp32, zero on entry; dBC_part: (2, batch, ngroups, n_psplits, N, L) fp32;
-    dD_part, dbias_part: (n_splits, batch, dim) fp32; dtsum: (batch, dim, n_splits) fp32.
-    LOCAL: only the reverse scan from a zero carry, giving gcarry at the split's start and the
-    split's sum of dt_{t+1} (the exponent of its total decay), for the carry pass.
+    N, L); ckpt: (batch, dim, n_chunks, N) fp32 from the forward; gcarry: (batch, n_splits, N, dim)
+    fp32, dL/dh at the first step after the split on entry, at the split's current first step as it
+    goes; scratch: fp32, tiles_per_chunk * N * BLOCK_D per program, the states at the tile starts of
+    the current chunk; dA_part: (n_splits, batch, N, dim) fp32, zero on entry; dBC_part: (2, batch,
+    ngroups, n_psplits, N, L) fp32 (dC at dC_offset); dD_part, dbias_part: (n_splits, batch, dim);
+    dtsum: (batch, n_splits, dim).
+    LOCAL: only the reverse scan from a zero carry, giving gcarry at the split's start and the split's
+    sum of dt_{t+1} (the exponent of its total decay), for the carry pass.
     """
     pid_gp = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -260,22 +260,26 @@ def _scan_bwd_kernel(
     pid_p = pid_gp % n_psplits
 
     offs_t = tl.arange(0, BLOCK_T)
+    offs_jj = tl.arange(0, BLOCK_D)
+    zero2 = (offs_jj * 0)[:, None] + offs_t[None, :] * 0
     bc_base = (pid_b * ngroups + pid_g).to(tl.int64) * N * L
     part_B = ((pid_b * ngroups + pid_g) * n_psplits + pid_p).to(tl.int64) * N * L
     part_C = part_B + dC_offset
+    car_base = (pid_b * n_splits + pid_s).to(tl.int64) * N * dim
+    dA_base = (pid_s * batch + pid_b).to(tl.int64) * N * dim
+    prog = (pid_gp * batch + pid_b) * n_splits + pid_s
+    scr_base = prog.to(tl.int64) * tiles_per_chunk * N * BLOCK_D
 
     c0 = pid_s * chunks_per_split
     c1 = tl.minimum(c0 + chunks_per_split, n_chunks)
     blk0 = pid_p * blocks_per_psplit
     blk1 = tl.minimum(blk0 + blocks_per_psplit, blocks_per_group)
     for blk in range(blk0, blk1):
-        offs_j = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_j = blk * BLOCK_D + offs_jj
         mask_d = offs_j < dim_per_group
         offs_d = pid_g * dim_per_group + offs_j
         row = (pid_b * dim + offs_d).to(tl.int64) * L
-        ck_row = (pid_b * dim + offs_d).to(tl.int64) * ck_stride_d
-        g_row = ((pid_b * dim + offs_d).to(tl.int64) * n_splits + pid_s) * N
-        small_row = (pid_s * batch + pid_b).to(tl.int64) * dim + offs_d
+        ck_row = (pid_b * dim + offs_d).to(tl.int64) * n_chunks * N
         if HAS_D:
             Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -288,85 +292,122 @@ def _scan_bwd_kernel(
 
         for c_rev in range(c0, c1):
             c = c1 - 1 - (c_rev - c0)
-            t = c * BLOCK_T + offs_t
-            mask_t = t < L
-            m2 = mask_d[:, None] & mask_t[None, :]
-            offs2 = row[:, None] + t[None, :]
-            # dt_{t+1}: the decay that carries dL/dh_{t+1} back to step t; 0 (a = 1) after the end.
-            m_next = mask_d[:, None] & (t + 1 < L)[None, :]
-            _, dt_next = _load_dt(delta_ptr, offs2 + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
-
-            # Padded channels and steps load dout = 0, so dy, g and every sum they feed are 0.
-            dout = tl.load(dout_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zv = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-                sig_z = _sigmoid(zv)
-                dy = dout * zv * sig_z
-            else:
-                dy = dout
-            if LOCAL:
-                dtn_sum += tl.sum(dt_next, axis=1)
-            else:
-                u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-                raw, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
-                dtu = dt * u
-                y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
-                gB = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g B
-                gxA = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g (h - b) A2
-            for n in range(N):
-                A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
-                C_n = tl.load(C_ptr + bc_base + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
-                g_in = tl.load(gcarry_ptr + g_row + n, mask=mask_d, other=0.0)
-                alpha = tl.exp2(dt_next * A2[:, None])
-                cy = dy * C_n[None, :]
-                Pg, R = tl.associative_scan((alpha, cy), axis=1, combine_fn=_affine_combine, reverse=True)
-                g = R + Pg * g_in[:, None]  # dL/dh_t
-                if not LOCAL:
-                    B_n = tl.load(B_ptr + bc_base + n * L + t, mask=mask_t, other=0.0).to(tl.float32)
-                    h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d, other=0.0)
-                    a = tl.exp2(dt * A2[:, None])
-                    b = dtu * B_n[None, :]
-                    P, S = tl.associative_scan((a, b), axis=1, combine_fn=_affine_combine)
-                    h = S + P * h_in[:, None]
-                    y += h * C_n[None, :]
-                    # a_t h_{t-1} = h_t - b_t: the gradient through a_t needs no shifted state.
-                    x = g * (h - b)
-                    gxA += x * A2[:, None]
-                    gB += g * B_n[None, :]
-                    dA_ptrs = dA_part_ptr + small_row * N + n
-                    dA_prev = tl.load(dA_ptrs, mask=mask_d, other=0.0)
-                    tl.store(dA_ptrs, dA_prev + tl.sum(x * dt, axis=1), mask=mask_d)
-                    # This program's partial over its channel split: the first block stores, the
-                    # others add (barriers between blocks order them; nothing else touches it).
-                    bc_offs = n * L + t
-                    later = blk != blk0
-                    dB_prev = tl.load(dBC_part_ptr + part_B + bc_offs, mask=mask_t & later, other=0.0)
-                    tl.store(dBC_part_ptr + part_B + bc_offs, dB_prev + tl.sum(g * dtu, axis=0), mask=mask_t)
-                    dC_prev = tl.load(dBC_part_ptr + part_C + bc_offs, mask=mask_t & later, other=0.0)
-                    tl.store(dBC_part_ptr + part_C + bc_offs, dC_prev + tl.sum(h * dy, axis=0), mask=mask_t)
-                tl.store(gcarry_ptr + g_row + n, _column(g, 0, offs_t), mask=mask_d)
-            tl.debug_barrier()
-
+            kc0 = c * tiles_per_chunk
+            kc1 = tl.minimum(kc0 + tiles_per_chunk, n_tiles)
             if not LOCAL:
-                du = dt * gB
-                if HAS_D:
-                    du += Dv[:, None] * dy
-                    dD_acc += tl.sum(dy * u, axis=1)
-                tl.store(du_ptr + offs2, du.to(du_ptr.dtype.element_ty), mask=m2)
-                ddt = u * gB + gxA * _LN2
-                if SOFTPLUS:
-                    ddt = ddt * _sigmoid(raw)
-                ddt = tl.where(m2, ddt, 0.0)
-                dbias_acc += tl.sum(ddt, axis=1)
-                tl.store(ddelta_ptr + offs2, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
-                if HAS_Z:
-                    if HAS_D:
-                        y += Dv[:, None] * u
-                    dz = dout * y * sig_z * (1.0 + zv * (1.0 - sig_z))
-                    tl.store(dz_ptr + offs2, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                # Re-walk the chunk forward from its checkpoint, keeping the state at each tile start
+                # (slot j = tile kc0 + j; slot 0 is the checkpoint itself and is not copied).
+                for k in range(kc0, kc1 - 1):
+                    j = k - kc0
+                    t = k * BLOCK_T + offs_t
+                    m2 = mask_d[:, None] & (t < L)[None, :]
+                    offs2 = row[:, None] + t[None, :]
+                    bc2 = bc_base + t[None, :] + zero2
+                    mask_t2 = (zero2 + t[None, :]) < L
+                    u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                    _, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
+                    dtu = dt * u
+                    for n in range(N):
+                        A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
+                        B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+                        h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
+                        h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
+                                        mask=mask_d & (j > 0), other=0.0)
+                        P, S = tl.associative_scan((tl.exp2(dt * A2[:, None]), dtu * B_n), axis=1,
+                                                   combine_fn=_affine_combine)
+                        h = S + P * h_in[:, None]
+                        tl.store(scratch_ptr + scr_base + ((j + 1) * N + n) * BLOCK_D + offs_jj,
+                                 _column(h, BLOCK_T - 1, offs_t), mask=mask_d)
+                    tl.debug_barrier()
 
+            for k_rev in range(kc0, kc1):
+                k = kc1 - 1 - (k_rev - kc0)
+                j = k - kc0
+                t = k * BLOCK_T + offs_t
+                mask_t = t < L
+                m2 = mask_d[:, None] & mask_t[None, :]
+                offs2 = row[:, None] + t[None, :]
+                bc2 = bc_base + t[None, :] + zero2
+                mask_t2 = (zero2 + t[None, :]) < L
+                # dt_{t+1}: the decay that carries dL/dh_{t+1} back to step t; 0 (a = 1) after the end.
+                m_next = mask_d[:, None] & (t + 1 < L)[None, :]
+                _, dt_next = _load_dt(delta_ptr, offs2 + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
+                # Padded channels and steps load dout = 0, so dy, g and every sum they feed are 0.
+                dout = tl.load(dout_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                if HAS_Z:
+                    zv = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                    sig_z = _sigmoid(zv)
+                    dy = dout * zv * sig_z
+                else:
+                    dy = dout
+                if LOCAL:
+                    dtn_sum += tl.sum(dt_next, axis=1)
+                else:
+                    u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                    raw, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
+                    dtu = dt * u
+                    y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+                    gB = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g B
+                    gxA = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g (h - b) A2
+                    later = blk != blk0
+                for n in range(N):
+                    A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
+                    C_n = tl.load(C_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+                    g_ptrs = gcarry_ptr + car_base + n * dim + offs_d
+                    g_in = tl.load(g_ptrs, mask=mask_d, other=0.0)
+                    alpha = tl.exp2(dt_next * A2[:, None])
+                    Pg, R = tl.associative_scan((alpha, dy * C_n), axis=1, combine_fn=_affine_combine, reverse=True)
+                    g = R + Pg * g_in[:, None]  # dL/dh_t
+                    tl.store(g_ptrs, _column(g, 0, offs_t), mask=mask_d)
+                    if not LOCAL:
+                        B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+                        h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
+                        h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
+                                        mask=mask_d & (j > 0), other=0.0)
+                        a = tl.exp2(dt * A2[:, None])
+                        b = dtu * B_n
+                        P, S = tl.associative_scan((a, b), axis=1, combine_fn=_affine_combine)
+                        h = S + P * h_in[:, None]
+                        y += h * C_n
+                        # a_t h_{t-1} = h_t - b_t: the gradient through a_t needs no shifted state.
+                        x = g * (h - b)
+                        gxA += x * A2[:, None]
+                        gB += g * B_n
+                        dA_ptrs = dA_part_ptr + dA_base + n * dim + offs_d
+                        tl.store(dA_ptrs, tl.load(dA_ptrs, mask=mask_d, other=0.0) + tl.sum(x * dt, axis=1),
+                                 mask=mask_d)
+                        # This program's partial over its channel split: the first block stores, the
+                        # later ones add (barriers between tiles order them; nothing else writes it).
+                        bc_offs = n * L + t
+                        dB_ptrs = dBC_part_ptr + part_B + bc_offs
+                        dB_prev = tl.load(dB_ptrs, mask=mask_t & later, other=0.0)
+                        tl.store(dB_ptrs, dB_prev + tl.sum(g * dtu, axis=0), mask=mask_t)
+                        dC_ptrs = dBC_part_ptr + part_C + bc_offs
+                        dC_prev = tl.load(dC_ptrs, mask=mask_t & later, other=0.0)
+                        tl.store(dC_ptrs, dC_prev + tl.sum(h * dy, axis=0), mask=mask_t)
+                tl.debug_barrier()
+
+                if not LOCAL:
+                    du = dt * gB
+                    if HAS_D:
+                        du += Dv[:, None] * dy
+                        dD_acc += tl.sum(dy * u, axis=1)
+                    tl.store(du_ptr + offs2, du.to(du_ptr.dtype.element_ty), mask=m2)
+                    ddt = u * gB + gxA * _LN2
+                    if SOFTPLUS:
+                        ddt = ddt * _sigmoid(raw)
+                    ddt = tl.where(m2, ddt, 0.0)
+                    dbias_acc += tl.sum(ddt, axis=1)
+                    tl.store(ddelta_ptr + offs2, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+                    if HAS_Z:
+                        if HAS_D:
+                            y += Dv[:, None] * u
+                        dz = dout * y * sig_z * (1.0 + zv * (1.0 - sig_z))
+                        tl.store(dz_ptr + offs2, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+
+        small_row = (pid_s * batch + pid_b).to(tl.int64) * dim + offs_d
         if LOCAL:
-            tl.store(dtsum_ptr + (pid_b * dim + offs_d).to(tl.int64) * n_splits + pid_s, dtn_sum, mask=mask_d)
+            tl.store(dtsum_ptr + (pid_b * n_splits + pid_s).to(tl.int64) * dim + offs_d, dtn_sum, mask=mask_d)
         else:
             if HAS_D:
                 tl.store(dD_part_ptr + small_row, dD_acc, mask=mask_d)
@@ -375,7 +416,7 @@ def _scan_bwd_kernel(
 
 
 def default_chunk_size(N: int) -> int:
-    """Time steps per chunk (= the time tile and the checkpoint interval) for state size N.
+    """Time steps between two checkpoints for state size N.
 
     The checkpoints are (batch, dim, L / chunk, N) fp32: 4 N / chunk bytes per element of u, at most
     8 (the size of four bf16 inputs) with 64 steps up to N = 128 and 128 steps above.
@@ -383,12 +424,20 @@ def default_chunk_size(N: int) -> int:
     return 64 if N <= 128 else 128
 
 
-def _block_d(chunk_size: int, dim_per_group: int, block_d: int | None) -> int:
+def tile_config(u_dtype, bc_dtype, chunk_size: int, dim_per_group: int, block_d: int | None = None):
+    """(BLOCK_T, BLOCK_D, num_warps): a thread owns BLOCK_T consecutive steps of one channel.
+
+    BLOCK_T is one 16-byte load of the widest of u's and B's dtypes (8 steps of bf16, 4 of fp32), so
+    that Triton's coalescing gives every thread whole time runs: the scans along time then run inside
+    a thread, with no shuffles (reverse scans too).  BLOCK_D = 32 channels per warp, 4 warps.
+    """
+    widest = max(torch.empty((), dtype=u_dtype).element_size(), torch.empty((), dtype=bc_dtype).element_size())
+    block_t = min(chunk_size, 16 // widest)
     if block_d is None:
-        block_d = max(1, _TILE_ELEMS // chunk_size)
-        block_d = min(block_d, triton.next_power_of_2(max(dim_per_group, 1)))
+        block_d = min(32 * _NUM_WARPS, triton.next_power_of_2(max(dim_per_group, 1)))
     assert block_d >= 1 and block_d & (block_d - 1) == 0, f"block_d must be a power of two, got {block_d}"
-    return block_d
+    num_warps = max(1, min(_NUM_WARPS, block_d // 32))
+    return block_t, block_d, num_warps
 
 
 def _sm_count(device) -> int:
@@ -397,14 +446,20 @@ def _sm_count(device) -> int:
     return 132  # an H100 / H200: what the launch plan is sized for when no GPU says otherwise
 
 
-def _time_splits(programs: int, n_chunks: int, device, n_splits: int | None) -> tuple[int, int]:
-    """(n_splits, chunks_per_split): split time only when ``programs`` cannot fill the GPU."""
+def _time_splits(programs: int, num_warps: int, n_units: int, device, n_splits: int | None, cap: int | None = None):
+    """(n_splits, units_per_split): split time only as far as ``programs`` cannot fill the GPU.
+
+    A unit is a tile (forward) or a chunk (backward).  ``cap`` bounds the splits (scratch memory).
+    """
+    n_units = max(n_units, 1)
     if n_splits is None:
-        target = _sm_count(device) * _PROGRAMS_PER_SM
-        n_splits = max(1, -(-target // max(programs, 1)))
-    n_splits = max(1, min(n_splits, max(n_chunks, 1)))
-    per = max(1, -(-max(n_chunks, 1) // n_splits))
-    return -(-max(n_chunks, 1) // per), per
+        target = _sm_count(device) * _WARPS_PER_SM // num_warps
+        n_splits = -(-target // max(programs, 1))
+        if cap is not None:
+            n_splits = min(n_splits, cap)
+    n_splits = max(1, min(n_splits, n_units))
+    per = -(-n_units // n_splits)
+    return -(-n_units // per), per
 
 
 def _want_poison(poison: bool | None) -> bool:
@@ -427,7 +482,7 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, chunk_size):
     N = A.shape[1]
     assert 1 <= N <= 256, f"N must be in [1, 256], got {N}"
     assert B.dim() == 4 and B.shape[0] == batch and B.shape[2:] == (N, L), f"bad B shape {tuple(B.shape)}"
-    assert C.shape == B.shape, f"C shape {tuple(C.shape)} != B shape {tuple(B.shape)}"
+    assert C.shape == B.shape and C.dtype == B.dtype, f"C {tuple(C.shape)} {C.dtype} != B {tuple(B.shape)} {B.dtype}"
     ngroups = B.shape[1]
     assert ngroups >= 1 and dim % ngroups == 0, f"dim={dim} is not a multiple of ngroups={ngroups}"
     assert chunk_size >= 1 and chunk_size & (chunk_size - 1) == 0, (
@@ -452,6 +507,11 @@ def _A2t(A):
     return (A.float() * LOG2E).t().contiguous()
 
 
+def _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, num_warps):
+    return dict(N=N, BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T, HAS_D=D is not None, HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), num_warps=num_warps)
+
+
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk_size: int | None = None,
                        *, block_d: int | None = None, n_splits: int | None = None, poison: bool | None = None):
     """Forward selective scan.
@@ -462,17 +522,16 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
         B, C: (batch, G, N, L) contiguous, in u's dtype or fp32; channel d uses group d // (dim // G).
         D, delta_bias: (dim,) fp32 or None.
         delta_softplus: apply softplus to delta + delta_bias.
-        chunk_size: time steps per chunk (a power of two): the time tile and the checkpoint interval;
-            None: ``default_chunk_size(N)``.
-        block_d: channels per program (power of two); None picks 1024 // chunk_size.
+        chunk_size: time steps between two checkpoints (a power of two); None: ``default_chunk_size(N)``.
+        block_d: channels per program (power of two); None: 128, or dim // G rounded up if fewer.
         n_splits: time splits run in parallel (chunked scan with a carry pass); None: as many as
-            needed to fill the GPU, 1 when batch x channel blocks already do.
+            needed to fill the GPU (1 when batch x channel blocks already do).
         poison: fill the outputs with NaN before launching (debug); None reads COMPRESSM_MAMBA_POISON.
 
     Returns:
         (out, last_state, checkpoints): out (batch, dim, L) in u.dtype; last_state (batch, dim, N) fp32;
-        checkpoints (batch, dim, ceil(L / chunk_size), N) fp32 (a view, row stride (n_chunks + 1) N),
-        the state h at the start of each chunk, from which the backward recomputes states.
+        checkpoints (batch, dim, ceil(L / chunk_size), N) fp32, the state h at the start of each chunk,
+        from which the backward recomputes states.
     """
     N = A.shape[1] if A.dim() == 2 else 0
     chunk_size = default_chunk_size(N) if chunk_size is None else chunk_size
@@ -480,57 +539,68 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     poison = _want_poison(poison)
     dim_per_group = dim // ngroups
     n_chunks = math.ceil(L / chunk_size)
-    BLOCK_D = _block_d(chunk_size, dim_per_group, block_d)
+    BLOCK_T, BLOCK_D, num_warps = tile_config(u.dtype, B.dtype, chunk_size, dim_per_group, block_d)
+    tiles_per_chunk = chunk_size // BLOCK_T
+    n_tiles = math.ceil(L / BLOCK_T)
     blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
-    splits, per_split = _time_splits(batch * ngroups * blocks_per_group, n_chunks, u.device, n_splits)
+    # Splits are whole chunks, so that every checkpoint is written by the pass that owns its chunk.
+    splits, chunks_per_split = _time_splits(batch * ngroups * blocks_per_group, num_warps, n_chunks, u.device,
+                                            n_splits)
+    tiles_per_split = chunks_per_split * tiles_per_chunk
 
     out = _empty((batch, dim, L), u.dtype, u.device, poison)
-    # Slot c < n_chunks: state before chunk c; slot n_chunks: the last state.
-    ckpt = _empty((batch, dim, n_chunks + 1, N), torch.float32, u.device, poison)
-    ckpt[:, :, 0] = 0.0
+    checkpoints = _empty((batch, dim, n_chunks, N), torch.float32, u.device, poison)
     if batch == 0 or dim == 0 or L == 0:
-        ckpt.zero_()
-        return out, ckpt[:, :, n_chunks].contiguous(), ckpt[:, :, :n_chunks]
+        return out, torch.zeros(batch, dim, N, dtype=torch.float32, device=u.device), checkpoints
 
     A2t = _A2t(A)
-    common = dict(N=N, BLOCK_D=BLOCK_D, BLOCK_T=chunk_size, HAS_D=D is not None, HAS_Z=z is not None,
-                  HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), num_warps=_NUM_WARPS)
+    carry = torch.zeros((batch, splits, N, dim), dtype=torch.float32, device=u.device)
+    flags = _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, num_warps)
     args = (u, delta, A2t, B, C, D if D is not None else A2t, z if z is not None else u,
-            delta_bias if delta_bias is not None else A2t, out, ckpt)
-    sizes = (dim, L, ngroups, dim_per_group, blocks_per_group, n_chunks, per_split, (n_chunks + 1) * N)
+            delta_bias if delta_bias is not None else A2t, out, checkpoints, carry)
+    sizes = (dim, L, ngroups, dim_per_group, blocks_per_group, n_tiles, tiles_per_split, tiles_per_chunk, n_chunks)
     grid = (ngroups * blocks_per_group, batch, splits)
     if splits > 1:
-        dtsum = _empty((batch, dim, splits), torch.float32, u.device, poison)
-        _scan_fwd_kernel[grid](*args, dtsum, *sizes, LOCAL=True, **common)
-        # Carry pass: h at split s's start from split s-1's local end state and total decay.
-        decay = torch.exp2(A2t.t()[None, :, None, :] * dtsum[..., None])  # (batch, dim, splits, N)
-        h = torch.zeros(batch, dim, N, dtype=torch.float32, device=u.device)
+        dtsum = _empty((batch, splits, dim), torch.float32, u.device, poison)
+        _scan_fwd_kernel[grid](*args, dtsum, *sizes, LOCAL=True, **flags)
+        # Carry pass: the state at split s's start from split s-1's local end state and its total
+        # decay exp2(A2 * sum of dt); carry[:, s] becomes that start.
+        decay = torch.exp2(A2t[None, None] * dtsum[:, :, None, :])  # (batch, splits, N, dim)
+        local_end = carry.clone()
+        carry[:, 0] = 0.0
         for s in range(1, splits):
-            h = ckpt[:, :, s * per_split] + decay[:, :, s - 1] * h
-            ckpt[:, :, s * per_split] = h
-    _scan_fwd_kernel[grid](*args, ckpt, *sizes, LOCAL=False, **common)
-    return out, ckpt[:, :, n_chunks].contiguous(), ckpt[:, :, :n_chunks]
+            carry[:, s] = local_end[:, s - 1] + decay[:, s - 1] * carry[:, s - 1]
+    _scan_fwd_kernel[grid](*args, carry, *sizes, LOCAL=False, **flags)
+    last_state = carry[:, splits - 1].transpose(1, 2).contiguous()
+    return out, last_state, checkpoints
 
 
-def backward_plan(batch, dim, L, N, ngroups, chunk_size, input_bytes, device, *, block_d=None, n_splits=None,
-                  d_splits=None):
-    """(BLOCK_D, blocks_per_group, P, blocks_per_psplit, n_splits, chunks_per_split) of a backward launch.
+def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, input_bytes, device, *,
+                  block_d=None, n_splits=None, d_splits=None):
+    """The backward's launch plan, a dict (tile sizes, channel splits P, time splits, scratch bytes).
 
-    P (channel splits with their own dB/dC partial) is bounded so that the fp32 partials,
-    8 batch G P N L bytes, are no larger than ``input_bytes`` (the backward's inputs); time splits
-    then make up the programs the GPU needs.
+    P (channel splits, each with its own fp32 dB/dC partial, 8 batch G P N L bytes) is the most
+    whose partials fit in ``input_bytes``; time splits then make up the programs the GPU needs, as
+    far as the tile-start scratch (4 batch splits G P BLOCK_D tiles_per_chunk N bytes) fits in half
+    of ``input_bytes``.
     """
     dim_per_group = dim // ngroups
     n_chunks = math.ceil(L / chunk_size)
-    BLOCK_D = _block_d(chunk_size, dim_per_group, block_d)
+    BLOCK_T, BLOCK_D, num_warps = tile_config(u_dtype, bc_dtype, chunk_size, dim_per_group, block_d)
+    tiles_per_chunk = chunk_size // BLOCK_T
     blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
     if d_splits is None:
         d_splits = input_bytes // max(1, 8 * batch * ngroups * N * L)
     d_splits = max(1, min(d_splits, blocks_per_group))
     per_p = triton.cdiv(blocks_per_group, d_splits)
     d_splits = triton.cdiv(blocks_per_group, per_p)
-    splits, per_split = _time_splits(batch * ngroups * d_splits, n_chunks, device, n_splits)
-    return BLOCK_D, blocks_per_group, d_splits, per_p, splits, per_split
+    scratch_per_split = 4 * batch * ngroups * d_splits * BLOCK_D * tiles_per_chunk * N
+    cap = max(1, (input_bytes // 2) // max(1, scratch_per_split))
+    splits, chunks_per_split = _time_splits(batch * ngroups * d_splits, num_warps, n_chunks, device, n_splits, cap)
+    return dict(BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps, tiles_per_chunk=tiles_per_chunk,
+                blocks_per_group=blocks_per_group, d_splits=d_splits, blocks_per_psplit=per_p, n_splits=splits,
+                chunks_per_split=chunks_per_split, partial_bytes=8 * batch * ngroups * d_splits * N * L,
+                scratch_bytes=splits * scratch_per_split)
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, checkpoints,
@@ -541,8 +611,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
     Args:
         dout: (batch, dim, L) contiguous, u's dtype.
         u, delta, A, B, C, D, z, delta_bias, delta_softplus: as given to ``selective_scan_fwd``.
-        checkpoints: (batch, dim, ceil(L / chunk_size), N) fp32 from ``selective_scan_fwd`` with the
-            same chunk_size (its last two strides N and 1).
+        checkpoints: (batch, dim, ceil(L / chunk_size), N) fp32 contiguous from ``selective_scan_fwd``
+            with the same chunk_size.
         block_d, n_splits: as in ``selective_scan_fwd`` (need not match the forward's).
         d_splits: channel splits with their own dB/dC partial; None: the most whose partials fit in
             the size of the inputs.
@@ -563,56 +633,52 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
     assert checkpoints.shape == (batch, dim, n_chunks, N) and checkpoints.dtype == torch.float32, (
         f"checkpoints must be (batch, dim, {n_chunks}, N) fp32, got {tuple(checkpoints.shape)} {checkpoints.dtype}"
     )
-    ck_stride_d = checkpoints.stride(1)
-    assert checkpoints.stride()[2:] == (N, 1) and checkpoints.stride(0) == dim * ck_stride_d, (
-        "checkpoints must be rows of (chunk, N) contiguous states, as selective_scan_fwd returns them"
-    )
+    assert checkpoints.is_contiguous(), "checkpoints must be contiguous"
     input_bytes = sum(t.numel() * t.element_size() for t in (dout, u, delta, z, B, C) if t is not None)
-    BLOCK_D, blocks_per_group, P, per_p, splits, per_split = backward_plan(
-        batch, dim, L, N, ngroups, chunk_size, input_bytes, u.device, block_d=block_d, n_splits=n_splits,
-        d_splits=d_splits)
+    plan = backward_plan(batch, dim, L, N, ngroups, u.dtype, B.dtype, chunk_size, input_bytes, u.device,
+                         block_d=block_d, n_splits=n_splits, d_splits=d_splits)
+    BLOCK_T, BLOCK_D, P, splits = plan["BLOCK_T"], plan["BLOCK_D"], plan["d_splits"], plan["n_splits"]
     dev = u.device
     f32 = torch.float32
 
     du = _empty(u.shape, u.dtype, dev, poison)
     ddelta = _empty(delta.shape, delta.dtype, dev, poison)
     dz = _empty(z.shape, z.dtype, dev, poison) if z is not None else None
-    dA_part = torch.zeros((splits, batch, dim, N), dtype=f32, device=dev)
+    dA_part = torch.zeros((splits, batch, N, dim), dtype=f32, device=dev)
     dBC_part = _empty((2, batch, ngroups, P, N, L), f32, dev, poison)
     dD_part = _empty((splits, batch, dim), f32, dev, poison) if D is not None else None
     dbias_part = _empty((splits, batch, dim), f32, dev, poison) if delta_bias is not None else None
-    gcarry = torch.zeros((batch, dim, splits, N), dtype=f32, device=dev)
+    gcarry = torch.zeros((batch, splits, N, dim), dtype=f32, device=dev)
 
     if batch > 0 and dim > 0 and L > 0:
         A2t = _A2t(A)
-        common = dict(N=N, BLOCK_D=BLOCK_D, BLOCK_T=chunk_size, HAS_D=D is not None, HAS_Z=z is not None,
-                      HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), num_warps=_NUM_WARPS)
+        flags = _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, plan["num_warps"])
         grid = (ngroups * P, batch, splits)
-        dtsum = _empty((batch, dim, splits), f32, dev, poison) if splits > 1 else gcarry
+        scratch = _empty((max(1, plan["scratch_bytes"] // 4),), f32, dev, poison)
+        dtsum = _empty((batch, splits, dim), f32, dev, poison) if splits > 1 else gcarry
 
         def launch(local):
             _scan_bwd_kernel[grid](
                 dout, u, delta, A2t, B, C, D if D is not None else A2t, z if z is not None else u,
-                delta_bias if delta_bias is not None else A2t, checkpoints, gcarry,
+                delta_bias if delta_bias is not None else A2t, checkpoints, gcarry, scratch,
                 du, ddelta, dz if dz is not None else du, dA_part, dBC_part,
                 dD_part if dD_part is not None else dA_part, dbias_part if dbias_part is not None else dA_part,
                 dtsum,
-                batch, dim, L, ngroups, dim // ngroups, blocks_per_group, per_p, P, n_chunks, per_split, ck_stride_d,
+                batch, dim, L, ngroups, dim // ngroups, plan["blocks_per_group"], plan["blocks_per_psplit"], P,
+                math.ceil(L / BLOCK_T), plan["tiles_per_chunk"], n_chunks, plan["chunks_per_split"],
                 dBC_part[1].storage_offset(),
-                LOCAL=local, **common,
+                LOCAL=local, **flags,
             )
 
         if splits > 1:
             launch(True)
-            # Carry pass, last split first: dL/dh after split s = local dL/dh at split s+1's start
-            # plus split s+1's total decay times dL/dh after split s+1.
-            decay = torch.exp2(A2t.t()[None, :, None, :] * dtsum[..., None])
+            # Carry pass, last split first: dL/dh after split s = the local dL/dh at split s+1's
+            # start plus split s+1's total decay times dL/dh after split s+1.
+            decay = torch.exp2(A2t[None, None] * dtsum[:, :, None, :])  # (batch, splits, N, dim)
             g_local = gcarry.clone()
-            g = torch.zeros(batch, dim, N, dtype=f32, device=dev)
+            gcarry[:, splits - 1] = 0.0
             for s in range(splits - 2, -1, -1):
-                g = g_local[:, :, s + 1] + decay[:, :, s + 1] * g
-                gcarry[:, :, s] = g
-            gcarry[:, :, splits - 1] = 0.0
+                gcarry[:, s] = g_local[:, s + 1] + decay[:, s + 1] * gcarry[:, s + 1]
         launch(False)
     else:
         # No program runs: every sum is empty.
@@ -620,7 +686,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
             if t is not None:
                 t.zero_()
 
-    dA = dA_part.sum((0, 1))
+    dA = dA_part.sum((0, 1)).t()
     dB = dBC_part[0].sum(2).to(B.dtype)
     dC = dBC_part[1].sum(2).to(C.dtype)
     dD = dD_part.sum((0, 1)) if dD_part is not None else None
