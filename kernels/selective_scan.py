@@ -83,7 +83,7 @@ _LN2 = tl.constexpr(0.6931471805599453)
 _POISON_ENV = "COMPRESSM_MAMBA_POISON"
 
 # 32 channels per warp (one thread each), 4 warps per program.
-_NUM_WARPS = 4
+_NUM_WARPS = 1
 # Resident warps per SM the launch plan aims for (half of the 64 an H100/H200 SM can hold).
 _WARPS_PER_SM = 32
 
@@ -355,10 +355,14 @@ def _scan_bwd_kernel(
                     C_n = tl.load(C_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
                     g_ptrs = gcarry_ptr + car_base + n * dim + offs_d
                     g_in = tl.load(g_ptrs, mask=mask_d, other=0.0)
-                    alpha = tl.exp2(dt_next * A2[:, None])
-                    Pg, R = tl.associative_scan((alpha, dy * C_n), axis=1, combine_fn=_affine_combine, reverse=True)
-                    g = R + Pg * g_in[:, None]  # dL/dh_t
-                    tl.store(g_ptrs, _column(g, 0, offs_t), mask=mask_d)
+                    # g_t = dy_t C_t + a_{t+1} g_{t+1}: a forward scan of the time-flipped tile (a
+                    # flip inside a thread is a register renaming; Triton's reverse=True scan
+                    # shuffles across all lanes even when the axis is inside a thread).
+                    alpha = tl.flip(tl.exp2(dt_next * A2[:, None]), 1)
+                    Pg, R = tl.associative_scan((alpha, tl.flip(dy * C_n, 1)), axis=1, combine_fn=_affine_combine)
+                    g_flipped = R + Pg * g_in[:, None]
+                    tl.store(g_ptrs, _column(g_flipped, BLOCK_T - 1, offs_t), mask=mask_d)
+                    g = tl.flip(g_flipped, 1)  # dL/dh_t
                     if not LOCAL:
                         B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
                         h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
