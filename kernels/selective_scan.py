@@ -126,6 +126,16 @@ def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 
 
 @triton.jit
+def _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z: tl.constexpr):
+    """dL/dy before the gate: dout * silu(z), or dout without z."""
+    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dout = dout * zv * _sigmoid(zv)
+    return dout
+
+
+@triton.jit
 def _column(value, col, offs_t):
     """value[:, col] as a (BLOCK_D,) vector: a masked sum along time, in value's own layout.
 
@@ -333,20 +343,16 @@ def _scan_bwd_kernel(
                 m_next = mask_d[:, None] & (t + 1 < L)[None, :]
                 _, dt_next = _load_dt(delta_ptr, offs2 + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
                 # Padded channels and steps load dout = 0, so dy, g and every sum they feed are 0.
-                dout = tl.load(dout_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-                if HAS_Z:
-                    zv = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-                    sig_z = _sigmoid(zv)
-                    dy = dout * zv * sig_z
-                else:
-                    dy = dout
+                dy = _load_dy(dout_ptr, z_ptr, offs2, m2, HAS_Z)
                 if LOCAL:
                     dtn_sum += tl.sum(dt_next, axis=1)
                 else:
-                    u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-                    raw, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
-                    dtu = dt * u
-                    y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+                    # Only what the state loop needs stays live across it (registers); u, delta,
+                    # dout and z are loaded again for the epilogue (L1 / L2 hits).
+                    _, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
+                    dtu = dt * tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                    if HAS_Z:
+                        y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
                     gB = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g B
                     gxA = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g (h - b) A2
                     later = blk != blk0
@@ -372,7 +378,8 @@ def _scan_bwd_kernel(
                         b = dtu * B_n
                         P, S = tl.associative_scan((a, b), axis=1, combine_fn=_affine_combine)
                         h = S + P * h_in[:, None]
-                        y += h * C_n
+                        if HAS_Z:
+                            y += h * C_n
                         # a_t h_{t-1} = h_t - b_t: the gradient through a_t needs no shifted state.
                         x = g * (h - b)
                         gxA += x * A2[:, None]
@@ -392,6 +399,7 @@ def _scan_bwd_kernel(
                 tl.debug_barrier()
 
                 if not LOCAL:
+                    u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
                     du = dt * gB
                     if HAS_D:
                         du += Dv[:, None] * dy
@@ -399,6 +407,7 @@ def _scan_bwd_kernel(
                     tl.store(du_ptr + offs2, du.to(du_ptr.dtype.element_ty), mask=m2)
                     ddt = u * gB + gxA * _LN2
                     if SOFTPLUS:
+                        raw, _ = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, False)
                         ddt = ddt * _sigmoid(raw)
                     ddt = tl.where(m2, ddt, 0.0)
                     dbias_acc += tl.sum(ddt, axis=1)
@@ -406,6 +415,9 @@ def _scan_bwd_kernel(
                     if HAS_Z:
                         if HAS_D:
                             y += Dv[:, None] * u
+                        dout = tl.load(dout_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                        zv = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                        sig_z = _sigmoid(zv)
                         dz = dout * y * sig_z * (1.0 + zv * (1.0 - sig_z))
                         tl.store(dz_ptr + offs2, dz.to(dz_ptr.dtype.element_ty), mask=m2)
 
