@@ -126,6 +126,18 @@ def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 
 
 @triton.jit
+def _scan_from(a, b, h_in, offs_t):
+    """States of h_t = a_t h_{t-1} + b_t along axis 1 of the tile, starting from h_in (BLOCK_D,).
+
+    h_in enters as b_0 + a_0 h_in, so the scan's running product of a is never used and the compiler
+    drops it (with time inside a thread the select on column 0 folds away too).
+    """
+    b = tl.where((offs_t == 0)[None, :], b + a * h_in[:, None], b)
+    _, h = tl.associative_scan((a, b), axis=1, combine_fn=_affine_combine)
+    return h
+
+
+@triton.jit
 def _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z: tl.constexpr):
     """dL/dy before the gate: dout * silu(z), or dout without z."""
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -217,10 +229,7 @@ def _scan_fwd_kernel(
             else:
                 h_in = tl.load(car_ptrs, mask=mask_d, other=0.0)
                 tl.store(ckpt_ptr + ck_row + (k // tiles_per_chunk) * N + n, h_in, mask=mask_d & chunk_start)
-            a = tl.exp2(dt * A2[:, None])
-            b = dtu * B_n
-            P, S = tl.associative_scan((a, b), axis=1, combine_fn=_affine_combine)
-            h = S + P * h_in[:, None]
+            h = _scan_from(tl.exp2(dt * A2[:, None]), dtu * B_n, h_in, offs_t)
             if not LOCAL:
                 C_n = tl.load(C_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
                 y += h * C_n
@@ -323,9 +332,7 @@ def _scan_bwd_kernel(
                         h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
                         h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
                                         mask=mask_d & (j > 0), other=0.0)
-                        P, S = tl.associative_scan((tl.exp2(dt * A2[:, None]), dtu * B_n), axis=1,
-                                                   combine_fn=_affine_combine)
-                        h = S + P * h_in[:, None]
+                        h = _scan_from(tl.exp2(dt * A2[:, None]), dtu * B_n, h_in, offs_t)
                         tl.store(scratch_ptr + scr_base + ((j + 1) * N + n) * BLOCK_D + offs_jj,
                                  _column(h, BLOCK_T - 1, offs_t), mask=mask_d)
                     tl.debug_barrier()
@@ -365,8 +372,7 @@ def _scan_bwd_kernel(
                     # flip inside a thread is a register renaming; Triton's reverse=True scan
                     # shuffles across all lanes even when the axis is inside a thread).
                     alpha = tl.flip(tl.exp2(dt_next * A2[:, None]), 1)
-                    Pg, R = tl.associative_scan((alpha, tl.flip(dy * C_n, 1)), axis=1, combine_fn=_affine_combine)
-                    g_flipped = R + Pg * g_in[:, None]
+                    g_flipped = _scan_from(alpha, tl.flip(dy * C_n, 1), g_in, offs_t)
                     tl.store(g_ptrs, _column(g_flipped, BLOCK_T - 1, offs_t), mask=mask_d)
                     g = tl.flip(g_flipped, 1)  # dL/dh_t
                     if not LOCAL:
@@ -374,10 +380,8 @@ def _scan_bwd_kernel(
                         h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
                         h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
                                         mask=mask_d & (j > 0), other=0.0)
-                        a = tl.exp2(dt * A2[:, None])
                         b = dtu * B_n
-                        P, S = tl.associative_scan((a, b), axis=1, combine_fn=_affine_combine)
-                        h = S + P * h_in[:, None]
+                        h = _scan_from(tl.exp2(dt * A2[:, None]), b, h_in, offs_t)
                         if HAS_Z:
                             y += h * C_n
                         # a_t h_{t-1} = h_t - b_t: the gradient through a_t needs no shifted state.
