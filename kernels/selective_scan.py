@@ -138,6 +138,25 @@ def _scan_from(a, b, h_in, offs_t):
 
 
 @triton.jit
+def _affine_combine_excl(a1, b1, ae1, be1, a2, b2, ae2, be2):
+    # (a, b): the map of the whole segment; (ae, be): the map of the segment without its last
+    # element.  A single element's second map is the identity (1, 0), which the compiler folds, so
+    # the exclusive result costs no arithmetic.
+    return a1 * a2, a2 * b1 + b2, a1 * ae2, ae2 * b1 + be2
+
+
+@triton.jit
+def _scan_from_excl(a, b, x_in, offs_t):
+    """(inclusive, exclusive) states of x_t = a_t x_{t-1} + b_t along axis 1, starting from x_in."""
+    first = (offs_t == 0)[None, :]
+    b = tl.where(first, b + a * x_in[:, None], b)
+    ae = tl.where(first, 0.0, 1.0 + 0.0 * a)
+    be = tl.where(first, x_in[:, None] + 0.0 * a, 0.0)
+    _, incl, _, excl = tl.associative_scan((a, b, ae, be), axis=1, combine_fn=_affine_combine_excl)
+    return incl, excl
+
+
+@triton.jit
 def _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z: tl.constexpr):
     """dL/dy before the gate: dout * silu(z), or dout without z."""
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -307,7 +326,7 @@ def _scan_bwd_kernel(
             bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        dtn_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
         for c_rev in range(c0, c1):
             c = c1 - 1 - (c_rev - c0)
@@ -346,17 +365,14 @@ def _scan_bwd_kernel(
                 offs2 = row[:, None] + t[None, :]
                 bc2 = bc_base + t[None, :] + zero2
                 mask_t2 = (zero2 + t[None, :]) < L
-                # dt_{t+1}: the decay that carries dL/dh_{t+1} back to step t; 0 (a = 1) after the end.
-                m_next = mask_d[:, None] & (t + 1 < L)[None, :]
-                _, dt_next = _load_dt(delta_ptr, offs2 + 1, m_next, bias, HAS_BIAS, SOFTPLUS)
+                _, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
                 # Padded channels and steps load dout = 0, so dy, g and every sum they feed are 0.
                 dy = _load_dy(dout_ptr, z_ptr, offs2, m2, HAS_Z)
                 if LOCAL:
-                    dtn_sum += tl.sum(dt_next, axis=1)
+                    dt_sum += tl.sum(dt, axis=1)
                 else:
                     # Only what the state loop needs stays live across it (registers); u, delta,
                     # dout and z are loaded again for the epilogue (L1 / L2 hits).
-                    _, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
                     dtu = dt * tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
                     if HAS_Z:
                         y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
@@ -366,22 +382,24 @@ def _scan_bwd_kernel(
                 for n in range(N):
                     A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
                     C_n = tl.load(C_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
-                    g_ptrs = gcarry_ptr + car_base + n * dim + offs_d
-                    g_in = tl.load(g_ptrs, mask=mask_d, other=0.0)
-                    # g_t = dy_t C_t + a_{t+1} g_{t+1}: a forward scan of the time-flipped tile (a
-                    # flip inside a thread is a register renaming; Triton's reverse=True scan
-                    # shuffles across all lanes even when the axis is inside a thread).
-                    alpha = tl.flip(tl.exp2(dt_next * A2[:, None]), 1)
-                    g_flipped = _scan_from(alpha, tl.flip(dy * C_n, 1), g_in, offs_t)
-                    tl.store(g_ptrs, _column(g_flipped, BLOCK_T - 1, offs_t), mask=mask_d)
-                    g = tl.flip(g_flipped, 1)  # dL/dh_t
+                    q_ptrs = gcarry_ptr + car_base + n * dim + offs_d
+                    q_in = tl.load(q_ptrs, mask=mask_d, other=0.0)
+                    a = tl.exp2(dt * A2[:, None])
+                    cy = dy * C_n
+                    # q_t = a_t dL/dh_t obeys q_t = a_t q_{t+1} + a_t dy_t C_t, a forward scan of the
+                    # time-flipped tile (a flip inside a thread is a register renaming; Triton's
+                    # reverse=True scan shuffles across all lanes even then); its exclusive value is
+                    # q_{t+1}, so dL/dh_t = dy_t C_t + q_{t+1} needs no shifted a.
+                    q_incl, q_excl = _scan_from_excl(tl.flip(a, 1), tl.flip(a * cy, 1), q_in, offs_t)
+                    tl.store(q_ptrs, _column(q_incl, BLOCK_T - 1, offs_t), mask=mask_d)
                     if not LOCAL:
+                        g = cy + tl.flip(q_excl, 1)  # dL/dh_t
                         B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
                         h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
                         h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
                                         mask=mask_d & (j > 0), other=0.0)
                         b = dtu * B_n
-                        h = _scan_from(tl.exp2(dt * A2[:, None]), b, h_in, offs_t)
+                        h = _scan_from(a, b, h_in, offs_t)
                         if HAS_Z:
                             y += h * C_n
                         # a_t h_{t-1} = h_t - b_t: the gradient through a_t needs no shifted state.
@@ -427,7 +445,7 @@ def _scan_bwd_kernel(
 
         small_row = (pid_s * batch + pid_b).to(tl.int64) * dim + offs_d
         if LOCAL:
-            tl.store(dtsum_ptr + (pid_b * n_splits + pid_s).to(tl.int64) * dim + offs_d, dtn_sum, mask=mask_d)
+            tl.store(dtsum_ptr + (pid_b * n_splits + pid_s).to(tl.int64) * dim + offs_d, dt_sum, mask=mask_d)
         else:
             if HAS_D:
                 tl.store(dD_part_ptr + small_row, dD_acc, mask=mask_d)
@@ -692,8 +710,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
 
         if splits > 1:
             launch(True)
-            # Carry pass, last split first: dL/dh after split s = the local dL/dh at split s+1's
-            # start plus split s+1's total decay times dL/dh after split s+1.
+            # Carry pass, last split first: q = a dL/dh at the step after split s = the local q at
+            # split s+1's start plus split s+1's total decay times q after split s+1.
             decay = torch.exp2(A2t[None, None] * dtsum[:, :, None, :])  # (batch, splits, N, dim)
             g_local = gcarry.clone()
             gcarry[:, splits - 1] = 0.0
