@@ -150,8 +150,9 @@ def _scan_from_excl(a, b, x_in, offs_t):
     """(inclusive, exclusive) states of x_t = a_t x_{t-1} + b_t along axis 1, starting from x_in."""
     first = (offs_t == 0)[None, :]
     b = tl.where(first, b + a * x_in[:, None], b)
-    ae = tl.where(first, 0.0, 1.0 + 0.0 * a)
-    be = tl.where(first, x_in[:, None] + 0.0 * a, 0.0)
+    # -0.0, not 0.0: x + (-0.0) == x exactly, so the compiler may drop the addition.
+    ae = tl.broadcast_to(tl.where(first, 0.0, 1.0), a.shape)
+    be = tl.where(first, tl.broadcast_to(x_in[:, None], a.shape), -0.0)
     _, incl, _, excl = tl.associative_scan((a, b, ae, be), axis=1, combine_fn=_affine_combine_excl)
     return incl, excl
 
