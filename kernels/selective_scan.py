@@ -1,67 +1,66 @@
 """Triton selective scan (Mamba1, ``selective_scan_fn`` layout): forward and backward kernels.
 
-Mechanism only: the launchers assert shapes and layouts, pick tile sizes and launch.  Input
-validation, making inputs contiguous, viewing 3-D B/C as one group and the autograd wrapper live in
+Mechanism only: the launchers assert shapes and layouts, choose tiles and splits, and launch.  Input
+validation, contiguity, viewing 3-D B/C as one group and the autograd wrapper live in
 ``compressm_mamba.ops``.  The float64 specification is ``compressm_mamba.reference.selective_scan``.
+Costs quoted below are PREDICTIONS from the sm_90 SASS of these kernels (Triton 3.7.1 AOT) and an
+issue-rate model, not measurements (bench/results/triton_scan_static_prediction.txt).
 
-Design (why each choice; predicted costs are in bench/ and the issue, all PREDICTIONS until a GPU
-measures them):
+The problem: an element-wise linear recurrence over (batch, channel d, state n) lanes along time,
+h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plus reductions over n
+(out, du, ddelta) and over d (dB, dC).  Why each choice:
 
-* The work is an element-wise linear recurrence over (batch, channel d, state n) lanes along time,
-  h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]) and b_t = dt_t u_t B_t[n], plus reductions
-  over n (out, du, ddelta) and over d (dB, dC).
+* A thread owns BLOCK_T consecutive steps of one channel: one 16-byte load per input and tile (8
+  steps of bf16/fp16, 4 of fp32; the widest of u's and B's dtypes decides, so that Triton's
+  coalescing layout is exactly "time inside a thread").  A warp's 32 channels x 8 steps are read as
+  32 full sectors along L, never one element per step at stride L.  Then every scan along time is a
+  sequential loop inside a thread: no shuffles, no shared memory (the first design, with time across
+  8 lanes, spent ~170 shuffles per state and tile in the reverse scan alone).
 
-* Tile = one chunk of ``chunk_size`` (BLOCK_T) time steps for ``BLOCK_D`` channels, read with one
-  coalesced 2-D load per input (u, delta, z, dout): consecutive threads take consecutive steps of a
-  row, 16 bytes each.  Within the chunk the recurrence is ``tl.associative_scan`` along time over
-  the affine maps (a_t, b_t) (in-thread sequential, then a few warp shuffles); the state entering the
-  chunk is added as ``h = S + P * h_in`` with P the running product of a.  Nothing is loaded one
-  element per program per step at stride L.
+* States are a runtime loop ``for n in range(N)`` around (BLOCK_D, BLOCK_T) tiles, not a padded
+  (BLOCK_D, next_pow2(N)) register tile: N = 12 does 12 iterations, not 16.  Registers do not grow
+  with N and any N <= 256 runs the same code.  Per-element work (loads, softplus, sigmoid(z), D u,
+  the epilogues) is done once per element, outside the state loop.
 
-* States are a runtime loop ``for n in range(N)`` inside the chunk, not a padded (BLOCK_D, NP)
-  register tile: N = 12 does 12 iterations, not 16, so the cost is linear in N with no padding
-  waste and a N = 128 / N = 12 ratio near 128/12 minus the per-element share.  Any N <= 256 runs
-  the same code; registers do not grow with N.  What is per element and not per state (loading,
-  softplus, sigmoid(z), D u, the epilogues) is done once per element of the tile, by the thread
-  that owns it, before / after the state loop.
+* exp2 with log2(e) folded into A: the launcher passes A2 = A^T log2(e) (N, dim), so a_t is one FMUL
+  and one MUFU.EX2, and a state's A row for a channel block is one coalesced load.  Gradients with
+  respect to the natural A multiply by ln 2 once per element.
 
-* exp2: the launcher passes A2 = A * log2(e), transposed to (N, dim) so that a state's row of A for
-  a channel block is one contiguous load; a_t = exp2(dt_t * A2) is one multiply and one MUFU.EX2.
-  Gradients with respect to the natural A multiply by ln 2 once per element, not per state.
+* The carry enters a scan as its first step (b_0 + a_0 h_in): the scan's running product of a is
+  then unused and dropped by the compiler.  Between tiles the per-state carries (BLOCK_D values per
+  n) go through a small global buffer; one ``debug_barrier`` per tile orders them.
 
-* Between consecutive chunks of a program the per-state carries (BLOCK_D values per n) go through
-  global memory, at the slot where they are needed anyway: the forward writes the state at each
-  chunk start into the checkpoint buffer (which the backward reads), the backward writes dL/dh at
-  each chunk start into its carry buffer.  One ``debug_barrier`` per chunk orders those writes and
-  reads between the threads of the program.  The last column of a scanned tile is written with a
-  store masked to that column (no cross-thread reduction to extract it).
+* Parallelism over time where batch x channels cannot fill the GPU, which with one thread per
+  channel is the common case (batch 8 x dim 3072 = 768 warps; an H200 holds 8448): time is cut into
+  ``n_splits`` splits of whole chunks.  A local pass (zero initial carry) gives each split's end state
+  and its sum of dt; a sequential carry pass over splits in torch (h_start[s+1] = h_end_local[s] +
+  exp2(A2 sum dt[s]) h_start[s], tiny) gives the true starts; the full pass runs from them.  The
+  local pass costs ~0.65x a forward state step; splits are chosen only up to ~32 warps per SM.
 
-* Parallelism over time only where batch x channels cannot fill the GPU: a program walks the chunks
-  of one time *split*; ``n_splits`` > 1 adds a chunk-local pass (zero initial carry; the split's end
-  state and its sum of dt) and a sequential carry pass over splits (tiny, in torch:
-  h_start[s+1] = h_loc_end[s] + exp2(A2 * sum dt[s]) * h_start[s]), then the full pass from the
-  true split starts.  That local pass doubles the scan work, so the launcher uses it only when
-  batch * dim / BLOCK_D programs would leave the GPU under-occupied (at batch 8, dim 3072 there are
-  1536 programs of 4 warps: one split, no extra pass).
+* Backward, per chunk (``chunk_size`` steps, the checkpoint interval) in reverse: re-walk the chunk
+  forward from its checkpoint keeping only the state at each tile start (a scratch of
+  tiles_per_chunk x N x BLOCK_D per program), then per tile in reverse recompute the tile's states
+  and run the adjoint.  With q_t = a_t dL/dh_t, q_t = a_t q_{t+1} + a_t dy_t C_t is a forward scan
+  of the time-flipped tile (a flip inside a thread is a register renaming; Triton's reverse=True
+  scan shuffles across all lanes even then), and its exclusive value q_{t+1} gives
+  dL/dh_t = dy_t C_t + q_{t+1}: the same a_t as the state recompute, no shifted delta.
+  a_t h_{t-1} = h_t - b_t, so dA and ddelta need no shifted state either.  Time splits work as in
+  the forward (a local reverse pass, a carry pass over splits, the full pass).
 
-* Backward: per chunk, in reverse, the chunk's states are recomputed from its checkpoint by the same
-  forward scan (no per-step state is stored anywhere), then dL/dh is a reverse scan
-  g_t = dy_t C_t + a_{t+1} g_{t+1} over (a_{t+1}, dy_t C_t); a_{t+1} comes from a second, shifted
-  load of delta (per element, L1-resident), so no register shift is needed.  a_t h_{t-1} is
-  h_t - b_t, so dA, ddelta use g_t (h_t - b_t) without h_{t-1}.
+* dB, dC deterministic, without atomics: a program owns (batch, group, channel split p, time split)
+  and walks its 32-channel blocks one after the other, adding each block's warp-sum over channels
+  into its own fp32 partial (batch, group, p, N, L); torch sums the P partials.  P is the largest
+  whose partials fit in the size of the backward's inputs.  The warp-sum over 32 channels is the
+  backward's largest cost (5 butterfly steps per value, ~40% of the state loop).
 
-* dB, dC are deterministic without atomics: a program owns a (batch, group, channel split p, time
-  split) and walks its channel blocks one after the other, adding each block's sum over channels
-  into its own fp32 partial row (batch, group, p, N, L); a second pass (torch ``sum`` over p) adds
-  the P partials.  P is bounded so that the partials are no larger than the backward's inputs
-  (P <= bytes(u, delta, z, dout, B, C) / (8 * batch * groups * N * L)); at batch 8, dim 3072,
-  L 2048, bf16 that is 192 at N <= 16 and 24 at N = 128.  dA, dD, ddelta_bias partials are per
-  (time split, batch, channel): small and summed in torch.  Scratch of the backward in bytes:
-  8 B G P N L (dB/dC partials) + 4 S B dim (N + 2) (dA/dD/dbias partials) + 4 S B dim N (carries).
+* Memory (bytes; the backward's extra, besides its outputs): dB/dC partials 8 B G P N L (<= the
+  inputs' size); tile-start scratch 4 S B G P BLOCK_D (chunk / BLOCK_T) N (<= half of it; S, the
+  time splits, is capped by this); carries and dA / dD / dbias partials 4 S B dim (N + 3).  The
+  forward saves checkpoints 4 B dim N L / chunk (chunk 64 up to N = 128, 128 above).
 
 * Everything accumulates in fp32; addresses are int64 where products can pass 2**31; every load
-  and store is masked on channel, time and state edges (masked steps are the identity map a = 1,
-  b = 0, so partial chunks need no special case).
+  and store is masked on channel and time edges (steps past L are identity maps a = 1, b = 0, so a
+  partial last tile needs no special case).
 """
 
 from __future__ import annotations
