@@ -1,24 +1,66 @@
 """Triton selective scan (Mamba1, ``selective_scan_fn`` layout): forward and backward kernels.
 
-Mechanism only.  The launchers assert shapes and layouts and launch; input validation, making inputs
-contiguous, viewing 3-D B/C as one group and the autograd wrapper live in ``compressm_mamba.ops``.
-The float64 specification is ``compressm_mamba.reference.selective_scan``.
+Mechanism only: the launchers assert shapes and layouts, choose tiles and splits, and launch.  Input
+validation, contiguity, viewing 3-D B/C as one group and the autograd wrapper live in
+``compressm_mamba.ops``.  The float64 specification is ``compressm_mamba.reference.selective_scan``.
+Costs quoted below are PREDICTIONS from the sm_90 SASS of these kernels (Triton 3.7.1 AOT) and an
+issue-rate model, not measurements (bench/results/triton_scan_static_prediction.txt).
 
-Layout of the work: one program per (batch, group, block of ``BLOCK_D`` channels inside the group).
-Blocks never straddle a group, so every program reads a single B/C row per time step and its
-contributions to dB/dC belong to one group.  The state h (BLOCK_D x NP, NP = next power of two of
-N, padded lanes masked) lives in registers and the program walks time sequentially.  Everything is
-accumulated in fp32 whatever the input dtype.
+The problem: an element-wise linear recurrence over (batch, channel d, state n) lanes along time,
+h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plus reductions over n
+(out, du, ddelta) and over d (dB, dC).  Why each choice:
 
-Forward: besides ``out`` and the last state it stores, for every chunk of ``chunk_size`` steps, the
-state at the chunk's start ("checkpoint").  Backward: chunks in reverse; each chunk's states are
-recomputed from its checkpoint into a per-program fp32 scratch buffer in global memory (chunk_size x
-BLOCK_D x NP per program, i.e. about batch * dim * chunk_size * N * 4 bytes in all), then the reverse
-recurrence runs over the chunk reading them back.
+* A thread owns BLOCK_T consecutive steps of one channel: one 16-byte load per input and tile (8
+  steps of bf16/fp16, 4 of fp32; the widest of u's and B's dtypes decides, so that Triton's
+  coalescing layout is exactly "time inside a thread").  A warp's 32 channels x 8 steps are read as
+  32 full sectors along L, never one element per step at stride L.  Then every scan along time is a
+  sequential loop inside a thread: no shuffles, no shared memory (the first design, with time across
+  8 lanes, spent ~170 shuffles per state and tile in the reverse scan alone).
 
-Cross-program sums are written as per-program partials and reduced in torch by the launcher (no
-atomics), so results are deterministic run to run: dB/dC over the channel blocks of a group, dA / dD
-/ ddelta_bias over the batch.
+* States are a runtime loop ``for n in range(N)`` around (BLOCK_D, BLOCK_T) tiles, not a padded
+  (BLOCK_D, next_pow2(N)) register tile: N = 12 does 12 iterations, not 16.  Registers do not grow
+  with N and any N <= 256 runs the same code.  Per-element work (loads, softplus, sigmoid(z), D u,
+  the epilogues) is done once per element, outside the state loop.
+
+* exp2 with log2(e) folded into A: the launcher passes A2 = A^T log2(e) (N, dim), so a_t is one FMUL
+  and one MUFU.EX2, and a state's A row for a channel block is one coalesced load.  Gradients with
+  respect to the natural A multiply by ln 2 once per element.
+
+* The carry enters a scan as its first step (b_0 + a_0 h_in): the scan's running product of a is
+  then unused and dropped by the compiler.  Between tiles the per-state carries (BLOCK_D values per
+  n) go through a small global buffer; one ``debug_barrier`` per tile orders them.
+
+* Parallelism over time where batch x channels cannot fill the GPU, which with one thread per
+  channel is the common case (batch 8 x dim 3072 = 768 warps; an H200 holds 8448): time is cut into
+  ``n_splits`` splits of whole chunks.  A local pass (zero initial carry) gives each split's end state
+  and its sum of dt; a sequential carry pass over splits in torch (h_start[s+1] = h_end_local[s] +
+  exp2(A2 sum dt[s]) h_start[s], tiny) gives the true starts; the full pass runs from them.  The
+  local pass costs ~0.65x a forward state step; splits are chosen only up to ~32 warps per SM.
+
+* Backward, per chunk (``chunk_size`` steps, the checkpoint interval) in reverse: re-walk the chunk
+  forward from its checkpoint keeping only the state at each tile start (a scratch of
+  tiles_per_chunk x N x BLOCK_D per program), then per tile in reverse recompute the tile's states
+  and run the adjoint.  With q_t = a_t dL/dh_t, q_t = a_t q_{t+1} + a_t dy_t C_t is a forward scan
+  of the time-flipped tile (a flip inside a thread is a register renaming; Triton's reverse=True
+  scan shuffles across all lanes even then), and its exclusive value q_{t+1} gives
+  dL/dh_t = dy_t C_t + q_{t+1}: the same a_t as the state recompute, no shifted delta.
+  a_t h_{t-1} = h_t - b_t, so dA and ddelta need no shifted state either.  Time splits work as in
+  the forward (a local reverse pass, a carry pass over splits, the full pass).
+
+* dB, dC deterministic, without atomics: a program owns (batch, group, channel split p, time split)
+  and walks its 32-channel blocks one after the other, adding each block's warp-sum over channels
+  into its own fp32 partial (batch, group, p, N, L); torch sums the P partials.  P is the largest
+  whose partials fit in the size of the backward's inputs.  The warp-sum over 32 channels is the
+  backward's largest cost (5 butterfly steps per value, ~40% of the state loop).
+
+* Memory (bytes; the backward's extra, besides its outputs): dB/dC partials 8 B G P N L (<= the
+  inputs' size); tile-start scratch 4 S B G P BLOCK_D (chunk / BLOCK_T) N (<= half of it; S, the
+  time splits, is capped by this); carries and dA / dD / dbias partials 4 S B dim (N + 3).  The
+  forward saves checkpoints 4 B dim N L / chunk (chunk 64 up to N = 128, 128 above).
+
+* Everything accumulates in fp32; addresses are int64 where products can pass 2**31; every load
+  and store is masked on channel and time edges (steps past L are identity maps a = 1, b = 0, so a
+  partial last tile needs no special case).
 """
 
 from __future__ import annotations
@@ -30,11 +72,19 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["selective_scan_fwd", "selective_scan_bwd"]
+__all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_chunk_size", "tile_config", "backward_plan", "LOG2E"]
+
+LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
 
 # Debug aid: when set (or poison=True is passed), every buffer the kernels must fill is first
 # filled with NaN, so an element a kernel forgets to write shows up as NaN instead of stale memory.
 _POISON_ENV = "COMPRESSM_MAMBA_POISON"
+
+# 32 channels per warp (one thread each), 4 warps per program.
+_NUM_WARPS = 1
+# Resident warps per SM the launch plan aims for (half of the 64 an H100/H200 SM can hold).
+_WARPS_PER_SM = 32
 
 
 @triton.jit
@@ -54,215 +104,400 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    out_ptr, last_state_ptr, ckpt_ptr,
-    dim, L, ngroups, dim_per_group, n_chunks, chunk_size,
-    N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-):
-    """One program: batch ``pid_b``, group ``pid_g``, channels ``pid_blk * BLOCK_D + [0, BLOCK_D)`` of it.
-
-    u, delta, z, out: (batch, dim, L) contiguous; A: (dim, N); B, C: (batch, ngroups, N, L)
-    contiguous; D, bias: (dim,); last_state: (batch, dim, N) fp32; ckpt: (batch, dim, n_chunks, N) fp32.
-    """
-    pid_b = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    pid_blk = tl.program_id(2)
-
-    offs_j = pid_blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_j < dim_per_group
-    offs_d = pid_g * dim_per_group + offs_j
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-
-    # int64: batch * dim * L and batch * ngroups * N * L may exceed 2**31 for long sequences.
-    row = (pid_b * dim + offs_d).to(tl.int64) * L  # (BLOCK_D,) start of each channel's time row
-    bc_base = (pid_b * ngroups + pid_g).to(tl.int64) * N * L
-    bc_offs = bc_base + offs_n.to(tl.int64) * L  # (NP,) start of each state's time row
-    state_offs = (pid_b * dim + offs_d).to(tl.int64)[:, None] * N + offs_n[None, :]
-    ckpt_offs = (pid_b * dim + offs_d).to(tl.int64)[:, None] * n_chunks * N + offs_n[None, :]
-
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    # Padded channels and state lanes load u = 0 and B = 0, so their state stays exactly 0.
-    h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
-    for c in range(0, n_chunks):
-        tl.store(ckpt_ptr + ckpt_offs + c * N, h, mask=mask_dn)
-        t_start = c * chunk_size
-        t_end = tl.minimum(t_start + chunk_size, L)
-        for t in range(t_start, t_end):
-            u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            B_t = tl.load(B_ptr + bc_offs + t, mask=mask_n, other=0.0).to(tl.float32)
-            C_t = tl.load(C_ptr + bc_offs + t, mask=mask_n, other=0.0).to(tl.float32)
-            a = tl.exp(dt[:, None] * A)
-            h = a * h + (dt * u_t)[:, None] * B_t[None, :]
-            y = tl.sum(h * C_t[None, :], axis=1)
-            if HAS_D:
-                y = y + Dv * u_t
-            if HAS_Z:
-                z_t = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                y = y * (z_t * _sigmoid(z_t))
-            tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
+def _affine_combine(a1, b1, a2, b2):
+    # Composition of x -> a1 x + b1 (first) then x -> a2 x + b2.  A forward scan gives the running
+    # state from a zero start; with reverse=True the first argument is the later accumulated map,
+    # so the same function composes g_t = c_t + alpha_t g_{t+1}.
+    return a1 * a2, a2 * b1 + b2
 
 
 @triton.jit
-def _selective_scan_bwd_kernel(
-    dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, scratch_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
-    dim, L, ngroups, dim_per_group, n_blocks, n_chunks, chunk_size,
-    N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-):
-    """One program per (batch, group, channel block), as in the forward.
+def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(raw, dt): delta + bias, and softplus of it; dt is 0 where masked (the identity step)."""
+    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    return raw, tl.where(mask, dt, 0.0)
 
-    dout, u, delta, z, du, ddelta, dz: (batch, dim, L) contiguous; ckpt: (batch, dim, n_chunks, N) fp32;
-    scratch: fp32, chunk_size * BLOCK_D * NP per program; partials (fp32, all fully written):
-    dA_part (batch, dim, N), dB_part / dC_part (batch, ngroups, n_blocks, L, N), dD_part and
-    dbias_part (batch, dim).
+
+@triton.jit
+def _scan_from(a, b, h_in, offs_t):
+    """States of h_t = a_t h_{t-1} + b_t along axis 1 of the tile, starting from h_in (BLOCK_D,).
+
+    h_in enters as b_0 + a_0 h_in, so the scan's running product of a is never used and the compiler
+    drops it (with time inside a thread the select on column 0 folds away too).
     """
-    pid_b = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    pid_blk = tl.program_id(2)
+    b = tl.where((offs_t == 0)[None, :], b + a * h_in[:, None], b)
+    _, h = tl.associative_scan((a, b), axis=1, combine_fn=_affine_combine)
+    return h
 
-    offs_j = pid_blk * BLOCK_D + tl.arange(0, BLOCK_D)
+
+@triton.jit
+def _affine_combine_excl(a1, b1, ae1, be1, a2, b2, ae2, be2):
+    # (a, b): the map of the whole segment; (ae, be): the map of the segment without its last
+    # element.  A single element's second map is the identity (1, 0), which the compiler folds, so
+    # the exclusive result costs no arithmetic.
+    return a1 * a2, a2 * b1 + b2, a1 * ae2, ae2 * b1 + be2
+
+
+@triton.jit
+def _scan_from_excl(a, b, x_in, offs_t):
+    """(inclusive, exclusive) states of x_t = a_t x_{t-1} + b_t along axis 1, starting from x_in."""
+    first = (offs_t == 0)[None, :]
+    b = tl.where(first, b + a * x_in[:, None], b)
+    # -0.0, not 0.0: x + (-0.0) == x exactly, so the compiler may drop the addition.
+    ae = tl.broadcast_to(tl.where(first, 0.0, 1.0), a.shape)
+    be = tl.where(first, tl.broadcast_to(x_in[:, None], a.shape), -0.0)
+    _, incl, _, excl = tl.associative_scan((a, b, ae, be), axis=1, combine_fn=_affine_combine_excl)
+    return incl, excl
+
+
+@triton.jit
+def _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z: tl.constexpr):
+    """dL/dy before the gate: dout * silu(z), or dout without z."""
+    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dout = dout * zv * _sigmoid(zv)
+    return dout
+
+
+@triton.jit
+def _column(value, col, offs_t):
+    """value[:, col] as a (BLOCK_D,) vector: a masked sum along time, in value's own layout.
+
+    (A store masked to one column would be cheaper per element but makes the compiler convert the
+    whole tile to a one-element-per-thread layout through shared memory, with two barriers.)
+    """
+    return tl.sum(tl.where((offs_t == col)[None, :], value, 0.0), axis=1)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A2t_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    out_ptr, ckpt_ptr, carry_ptr, dtsum_ptr,
+    dim, L, ngroups, dim_per_group, blocks_per_group, n_tiles, tiles_per_split, tiles_per_chunk, n_chunks,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    LOCAL: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+):
+    """Program (group * blocks_per_group + block, batch, time split s): BLOCK_D channels, the tiles of s in order.
+
+    u, delta, z, out: (batch, dim, L); A2t: (N, dim) fp32 = A^T log2(e); B, C: (batch, ngroups, N, L);
+    D, bias: (dim,); ckpt: (batch, dim, n_chunks, N) fp32, the state before each chunk;
+    carry: (batch, n_splits, N, dim) fp32, the running state of split s (on entry its start, on exit
+    its end); dtsum: (batch, n_splits, dim) fp32.
+    LOCAL: start from a zero state and write only the carry (the split's local end state) and the
+    split's sum of dt, for the carry pass.  Otherwise start from the carry and write out and ckpt.
+    """
+    pid_blk = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    pid_g = pid_blk // blocks_per_group
+    blk = pid_blk % blocks_per_group
+
+    offs_j = blk * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_j < dim_per_group
     offs_d = pid_g * dim_per_group + offs_j
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    offs_t = tl.arange(0, BLOCK_T)
+    zero2 = (offs_j * 0)[:, None] + offs_t[None, :] * 0  # broadcasts B/C rows to the tile's layout
 
+    # int64: batch * dim * L and batch * ngroups * N * L may exceed 2**31 for long sequences.
     row = (pid_b * dim + offs_d).to(tl.int64) * L
     bc_base = (pid_b * ngroups + pid_g).to(tl.int64) * N * L
-    bc_offs = bc_base + offs_n.to(tl.int64) * L
-    state_offs = (pid_b * dim + offs_d).to(tl.int64)[:, None] * N + offs_n[None, :]
-    ckpt_offs = (pid_b * dim + offs_d).to(tl.int64)[:, None] * n_chunks * N + offs_n[None, :]
-    program = (pid_b * ngroups + pid_g) * n_blocks + pid_blk
-    part_bc = program.to(tl.int64) * L * N + offs_n  # (NP,) this program's dB/dC partial rows
-    scratch_base = program.to(tl.int64) * chunk_size * (BLOCK_D * NP)
-    scratch_offs = tl.arange(0, BLOCK_D)[:, None] * NP + offs_n[None, :]
+    ck_row = (pid_b * dim + offs_d).to(tl.int64) * n_chunks * N
+    car_base = (pid_b * n_splits + pid_s).to(tl.int64) * N * dim
 
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
-    # g_carry = a_{t+1} * dL/dh_{t+1}: the part of dL/dh_t that flows back from the future.
-    g_carry = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for c_rev in range(0, n_chunks):
-        c = n_chunks - 1 - c_rev
-        t_start = c * chunk_size
-        t_end = tl.minimum(t_start + chunk_size, L)
+    k0 = pid_s * tiles_per_split
+    k1 = tl.minimum(k0 + tiles_per_split, n_tiles)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for k in range(k0, k1):
+        t = k * BLOCK_T + offs_t
+        mask_t = t < L
+        mask_t2 = (zero2 + t[None, :]) < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        offs2 = row[:, None] + t[None, :]
+        bc2 = bc_base + t[None, :] + zero2
+        chunk_start = (k % tiles_per_chunk) == 0
 
-        # Recompute the chunk's states; slot t - t_start holds h_{t-1}, the state before step t.
-        h = tl.load(ckpt_ptr + ckpt_offs + c * N, mask=mask_dn, other=0.0)
-        for t in range(t_start, t_end):
-            tl.store(scratch_ptr + scratch_base + (t - t_start) * (BLOCK_D * NP) + scratch_offs, h)
-            u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            B_t = tl.load(B_ptr + bc_offs + t, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t[None, :]
-        # The scratch is written and read back in the same register layout, but a barrier makes the
-        # global-memory round trip correct whichever thread the compiler assigns to an element.
+        u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+        raw, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
+        dtu = dt * u
+        if LOCAL:
+            dt_sum += tl.sum(dt, axis=1)
+        else:
+            y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+        for n in range(N):
+            A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
+            B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+            car_ptrs = carry_ptr + car_base + n * dim + offs_d
+            if LOCAL:
+                h_in = tl.load(car_ptrs, mask=mask_d & (k > k0), other=0.0)
+            else:
+                h_in = tl.load(car_ptrs, mask=mask_d, other=0.0)
+                tl.store(ckpt_ptr + ck_row + (k // tiles_per_chunk) * N + n, h_in, mask=mask_d & chunk_start)
+            h = _scan_from(tl.exp2(dt * A2[:, None]), dtu * B_n, h_in, offs_t)
+            if not LOCAL:
+                C_n = tl.load(C_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+                y += h * C_n
+            # Steps past L are identity maps, so the last column is the state after the tile.
+            tl.store(car_ptrs, _column(h, BLOCK_T - 1, offs_t), mask=mask_d)
+        # The carries are read back next tile, possibly by another thread of the program.
         tl.debug_barrier()
 
-        # Reverse over the chunk; h_cur = h_t, with h_{t-1} read back from the scratch.
-        h_cur = h
-        for i in range(0, t_end - t_start):
-            t = t_end - 1 - i
-            h_prev = tl.load(scratch_ptr + scratch_base + (t - t_start) * (BLOCK_D * NP) + scratch_offs)
-            u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            raw = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                raw = raw + bias
-            if SOFTPLUS:
-                dt = _softplus(raw)
-            else:
-                dt = raw
-            B_t = tl.load(B_ptr + bc_offs + t, mask=mask_n, other=0.0).to(tl.float32)
-            C_t = tl.load(C_ptr + bc_offs + t, mask=mask_n, other=0.0).to(tl.float32)
-            # Padded channels load dout = 0, so dy, g and every partial they feed are exactly 0.
-            dout_t = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_Z:
-                z_t = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                sig_z = _sigmoid(z_t)
-                dy = dout_t * z_t * sig_z
-                y_pre = tl.sum(h_cur * C_t[None, :], axis=1)
-                if HAS_D:
-                    y_pre = y_pre + Dv * u_t
-                dz = dout_t * y_pre * sig_z * (1.0 + z_t * (1.0 - sig_z))
-                tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
-            else:
-                dy = dout_t
-
-            g = g_carry + dy[:, None] * C_t[None, :]  # dL/dh_t
-            a = tl.exp(dt[:, None] * A)
-            g_B = tl.sum(g * B_t[None, :], axis=1)
-            du = dt * g_B
+        if not LOCAL:
             if HAS_D:
-                du = du + dy * Dv
-                dD_acc += dy * u_t
-            tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=mask_d)
-
-            tl.store(dB_part_ptr + part_bc + t * N, tl.sum(g * (dt * u_t)[:, None], axis=0), mask=mask_n)
-            tl.store(dC_part_ptr + part_bc + t * N, tl.sum(h_cur * dy[:, None], axis=0), mask=mask_n)
-
-            g_a_hprev = g * a * h_prev
-            ddt = u_t * g_B + tl.sum(g_a_hprev * A, axis=1)
-            dA_acc += g_a_hprev * dt[:, None]
-            if SOFTPLUS:
-                ddt = ddt * _sigmoid(raw)
-            dbias_acc += ddt
-            tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_d)
-
-            g_carry = g * a
-            h_cur = h_prev
-        # The next chunk's recompute overwrites the scratch slots just read.
-        tl.debug_barrier()
-
-    tl.store(dA_part_ptr + state_offs, dA_acc, mask=mask_dn)
-    bd_offs = (pid_b * dim + offs_d).to(tl.int64)
-    if HAS_D:
-        tl.store(dD_part_ptr + bd_offs, dD_acc, mask=mask_d)
-    if HAS_BIAS:
-        tl.store(dbias_part_ptr + bd_offs, dbias_acc, mask=mask_d)
+                y += Dv[:, None] * u
+            if HAS_Z:
+                zv = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                y = y * (zv * _sigmoid(zv))
+            tl.store(out_ptr + offs2, y.to(out_ptr.dtype.element_ty), mask=m2)
+    if LOCAL:
+        tl.store(dtsum_ptr + (pid_b * n_splits + pid_s).to(tl.int64) * dim + offs_d, dt_sum, mask=mask_d)
 
 
-def _config(N: int, dim_per_group: int, block_d: int | None):
-    """(NP, BLOCK_D, num_warps) for a launch.
+@triton.jit
+def _scan_bwd_kernel(
+    dout_ptr, u_ptr, delta_ptr, A2t_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, gcarry_ptr, scratch_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dBC_part_ptr, dD_part_ptr, dbias_part_ptr, dtsum_ptr,
+    batch, dim, L, ngroups, dim_per_group, blocks_per_group, blocks_per_psplit, n_psplits,
+    n_tiles, tiles_per_chunk, n_chunks, chunks_per_split, dC_offset,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    LOCAL: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+):
+    """Program (group * n_psplits + p, batch, time split s): channel blocks of p; chunks of s last first.
 
-    The register tile BLOCK_D x NP is kept near 512 fp32 elements, about 4 per thread: with that,
-    ptxas -v (sm_90) showed the backward, which keeps several such tiles live, at most ~230 registers
-    and no more than a few bytes of spills for N = 1..256, while 2048-element tiles spilled
-    kilobytes.  At least 4 channels per program so that each program has some work per time step
-    even for N = 256.
+    dout, u, delta, z, du, ddelta, dz: (batch, dim, L); A2t: (N, dim) fp32; B, C: (batch, ngroups,
+    N, L); ckpt: (batch, dim, n_chunks, N) fp32 from the forward; gcarry: (batch, n_splits, N, dim)
+    fp32, dL/dh at the first step after the split on entry, at the split's current first step as it
+    goes; scratch: fp32, tiles_per_chunk * N * BLOCK_D per program, the states at the tile starts of
+    the current chunk; dA_part: (n_splits, batch, N, dim) fp32, zero on entry; dBC_part: (2, batch,
+    ngroups, n_psplits, N, L) fp32 (dC at dC_offset); dD_part, dbias_part: (n_splits, batch, dim);
+    dtsum: (batch, n_splits, dim).
+    LOCAL: only the reverse scan from a zero carry, giving gcarry at the split's start and the split's
+    sum of dt_{t+1} (the exponent of its total decay), for the carry pass.
     """
-    NP = triton.next_power_of_2(max(N, 1))
+    pid_gp = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    pid_g = pid_gp // n_psplits
+    pid_p = pid_gp % n_psplits
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_jj = tl.arange(0, BLOCK_D)
+    zero2 = (offs_jj * 0)[:, None] + offs_t[None, :] * 0
+    bc_base = (pid_b * ngroups + pid_g).to(tl.int64) * N * L
+    part_B = ((pid_b * ngroups + pid_g) * n_psplits + pid_p).to(tl.int64) * N * L
+    part_C = part_B + dC_offset
+    car_base = (pid_b * n_splits + pid_s).to(tl.int64) * N * dim
+    dA_base = (pid_s * batch + pid_b).to(tl.int64) * N * dim
+    prog = (pid_gp * batch + pid_b) * n_splits + pid_s
+    scr_base = prog.to(tl.int64) * tiles_per_chunk * N * BLOCK_D
+
+    c0 = pid_s * chunks_per_split
+    c1 = tl.minimum(c0 + chunks_per_split, n_chunks)
+    blk0 = pid_p * blocks_per_psplit
+    blk1 = tl.minimum(blk0 + blocks_per_psplit, blocks_per_group)
+    for blk in range(blk0, blk1):
+        offs_j = blk * BLOCK_D + offs_jj
+        mask_d = offs_j < dim_per_group
+        offs_d = pid_g * dim_per_group + offs_j
+        row = (pid_b * dim + offs_d).to(tl.int64) * L
+        ck_row = (pid_b * dim + offs_d).to(tl.int64) * n_chunks * N
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+        for c_rev in range(c0, c1):
+            c = c1 - 1 - (c_rev - c0)
+            kc0 = c * tiles_per_chunk
+            kc1 = tl.minimum(kc0 + tiles_per_chunk, n_tiles)
+            if not LOCAL:
+                # Re-walk the chunk forward from its checkpoint, keeping the state at each tile start
+                # (slot j = tile kc0 + j; slot 0 is the checkpoint itself and is not copied).
+                for k in range(kc0, kc1 - 1):
+                    j = k - kc0
+                    t = k * BLOCK_T + offs_t
+                    m2 = mask_d[:, None] & (t < L)[None, :]
+                    offs2 = row[:, None] + t[None, :]
+                    bc2 = bc_base + t[None, :] + zero2
+                    mask_t2 = (zero2 + t[None, :]) < L
+                    u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                    _, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
+                    dtu = dt * u
+                    for n in range(N):
+                        A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
+                        B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+                        h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
+                        h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
+                                        mask=mask_d & (j > 0), other=0.0)
+                        h = _scan_from(tl.exp2(dt * A2[:, None]), dtu * B_n, h_in, offs_t)
+                        tl.store(scratch_ptr + scr_base + ((j + 1) * N + n) * BLOCK_D + offs_jj,
+                                 _column(h, BLOCK_T - 1, offs_t), mask=mask_d)
+                    tl.debug_barrier()
+
+            for k_rev in range(kc0, kc1):
+                k = kc1 - 1 - (k_rev - kc0)
+                j = k - kc0
+                t = k * BLOCK_T + offs_t
+                mask_t = t < L
+                m2 = mask_d[:, None] & mask_t[None, :]
+                offs2 = row[:, None] + t[None, :]
+                bc2 = bc_base + t[None, :] + zero2
+                mask_t2 = (zero2 + t[None, :]) < L
+                _, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
+                # Padded channels and steps load dout = 0, so dy, g and every sum they feed are 0.
+                dy = _load_dy(dout_ptr, z_ptr, offs2, m2, HAS_Z)
+                if LOCAL:
+                    dt_sum += tl.sum(dt, axis=1)
+                else:
+                    # Only what the state loop needs stays live across it (registers); u, delta,
+                    # dout and z are loaded again for the epilogue (L1 / L2 hits).
+                    dtu = dt * tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                    if HAS_Z:
+                        y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+                    gB = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g B
+                    gxA = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g (h - b) A2
+                    later = blk != blk0
+                for n in range(N):
+                    A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
+                    C_n = tl.load(C_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+                    q_ptrs = gcarry_ptr + car_base + n * dim + offs_d
+                    q_in = tl.load(q_ptrs, mask=mask_d, other=0.0)
+                    a = tl.exp2(dt * A2[:, None])
+                    cy = dy * C_n
+                    # q_t = a_t dL/dh_t obeys q_t = a_t q_{t+1} + a_t dy_t C_t, a forward scan of the
+                    # time-flipped tile (a flip inside a thread is a register renaming; Triton's
+                    # reverse=True scan shuffles across all lanes even then); its exclusive value is
+                    # q_{t+1}, so dL/dh_t = dy_t C_t + q_{t+1} needs no shifted a.
+                    q_incl, q_excl = _scan_from_excl(tl.flip(a, 1), tl.flip(a * cy, 1), q_in, offs_t)
+                    tl.store(q_ptrs, _column(q_incl, BLOCK_T - 1, offs_t), mask=mask_d)
+                    if not LOCAL:
+                        g = cy + tl.flip(q_excl, 1)  # dL/dh_t
+                        B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+                        h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
+                        h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
+                                        mask=mask_d & (j > 0), other=0.0)
+                        b = dtu * B_n
+                        h = _scan_from(a, b, h_in, offs_t)
+                        if HAS_Z:
+                            y += h * C_n
+                        # a_t h_{t-1} = h_t - b_t: the gradient through a_t needs no shifted state.
+                        x = g * (h - b)
+                        gxA += x * A2[:, None]
+                        gB += g * B_n
+                        dA_ptrs = dA_part_ptr + dA_base + n * dim + offs_d
+                        tl.store(dA_ptrs, tl.load(dA_ptrs, mask=mask_d, other=0.0) + tl.sum(x * dt, axis=1),
+                                 mask=mask_d)
+                        # This program's partial over its channel split: the first block stores, the
+                        # later ones add (barriers between tiles order them; nothing else writes it).
+                        bc_offs = n * L + t
+                        dB_ptrs = dBC_part_ptr + part_B + bc_offs
+                        dB_prev = tl.load(dB_ptrs, mask=mask_t & later, other=0.0)
+                        tl.store(dB_ptrs, dB_prev + tl.sum(g * dtu, axis=0), mask=mask_t)
+                        dC_ptrs = dBC_part_ptr + part_C + bc_offs
+                        dC_prev = tl.load(dC_ptrs, mask=mask_t & later, other=0.0)
+                        tl.store(dC_ptrs, dC_prev + tl.sum(h * dy, axis=0), mask=mask_t)
+                tl.debug_barrier()
+
+                if not LOCAL:
+                    u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                    du = dt * gB
+                    if HAS_D:
+                        du += Dv[:, None] * dy
+                        dD_acc += tl.sum(dy * u, axis=1)
+                    tl.store(du_ptr + offs2, du.to(du_ptr.dtype.element_ty), mask=m2)
+                    ddt = u * gB + gxA * _LN2
+                    if SOFTPLUS:
+                        raw, _ = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, False)
+                        ddt = ddt * _sigmoid(raw)
+                    ddt = tl.where(m2, ddt, 0.0)
+                    dbias_acc += tl.sum(ddt, axis=1)
+                    tl.store(ddelta_ptr + offs2, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+                    if HAS_Z:
+                        if HAS_D:
+                            y += Dv[:, None] * u
+                        dout = tl.load(dout_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                        zv = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                        sig_z = _sigmoid(zv)
+                        dz = dout * y * sig_z * (1.0 + zv * (1.0 - sig_z))
+                        tl.store(dz_ptr + offs2, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+
+        small_row = (pid_s * batch + pid_b).to(tl.int64) * dim + offs_d
+        if LOCAL:
+            tl.store(dtsum_ptr + (pid_b * n_splits + pid_s).to(tl.int64) * dim + offs_d, dt_sum, mask=mask_d)
+        else:
+            if HAS_D:
+                tl.store(dD_part_ptr + small_row, dD_acc, mask=mask_d)
+            if HAS_BIAS:
+                tl.store(dbias_part_ptr + small_row, dbias_acc, mask=mask_d)
+
+
+def default_chunk_size(N: int) -> int:
+    """Time steps between two checkpoints for state size N.
+
+    The checkpoints are (batch, dim, L / chunk, N) fp32: 4 N / chunk bytes per element of u, at most
+    8 (the size of four bf16 inputs) with 64 steps up to N = 128 and 128 steps above.
+    """
+    return 64 if N <= 128 else 128
+
+
+def tile_config(u_dtype, bc_dtype, chunk_size: int, dim_per_group: int, block_d: int | None = None):
+    """(BLOCK_T, BLOCK_D, num_warps): a thread owns BLOCK_T consecutive steps of one channel.
+
+    BLOCK_T is one 16-byte load of the widest of u's and B's dtypes (8 steps of bf16, 4 of fp32), so
+    that Triton's coalescing gives every thread whole time runs: the scans along time then run inside
+    a thread, with no shuffles (reverse scans too).  BLOCK_D = 32 channels per warp, 4 warps.
+    """
+    widest = max(torch.empty((), dtype=u_dtype).element_size(), torch.empty((), dtype=bc_dtype).element_size())
+    block_t = min(chunk_size, 16 // widest)
     if block_d is None:
-        block_d = max(4, min(32, 512 // NP))
-        block_d = min(block_d, triton.next_power_of_2(dim_per_group))
+        block_d = min(32 * _NUM_WARPS, triton.next_power_of_2(max(dim_per_group, 1)))
     assert block_d >= 1 and block_d & (block_d - 1) == 0, f"block_d must be a power of two, got {block_d}"
-    num_warps = min(8, max(1, block_d * NP // 128))
-    return NP, block_d, num_warps
+    num_warps = max(1, min(_NUM_WARPS, block_d // 32))
+    return block_t, block_d, num_warps
+
+
+def _sm_count(device) -> int:
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100 / H200: what the launch plan is sized for when no GPU says otherwise
+
+
+def _time_splits(programs: int, num_warps: int, n_units: int, device, n_splits: int | None, cap: int | None = None):
+    """(n_splits, units_per_split): split time only as far as ``programs`` cannot fill the GPU.
+
+    A unit is a tile (forward) or a chunk (backward).  ``cap`` bounds the splits (scratch memory).
+    """
+    n_units = max(n_units, 1)
+    if n_splits is None:
+        target = _sm_count(device) * _WARPS_PER_SM // num_warps
+        n_splits = -(-target // max(programs, 1))
+        if cap is not None:
+            n_splits = min(n_splits, cap)
+    n_splits = max(1, min(n_splits, n_units))
+    per = -(-n_units // n_splits)
+    return -(-n_units // per), per
 
 
 def _want_poison(poison: bool | None) -> bool:
@@ -285,10 +520,12 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, chunk_size):
     N = A.shape[1]
     assert 1 <= N <= 256, f"N must be in [1, 256], got {N}"
     assert B.dim() == 4 and B.shape[0] == batch and B.shape[2:] == (N, L), f"bad B shape {tuple(B.shape)}"
-    assert C.shape == B.shape, f"C shape {tuple(C.shape)} != B shape {tuple(B.shape)}"
+    assert C.shape == B.shape and C.dtype == B.dtype, f"C {tuple(C.shape)} {C.dtype} != B {tuple(B.shape)} {B.dtype}"
     ngroups = B.shape[1]
     assert ngroups >= 1 and dim % ngroups == 0, f"dim={dim} is not a multiple of ngroups={ngroups}"
-    assert chunk_size >= 1, f"chunk_size must be positive, got {chunk_size}"
+    assert chunk_size >= 1 and chunk_size & (chunk_size - 1) == 0, (
+        f"chunk_size must be a power of two, got {chunk_size}"
+    )
     assert delta.shape == u.shape and delta.dtype == u.dtype, "delta must match u's shape and dtype"
     if z is not None:
         assert z.shape == u.shape and z.dtype == u.dtype, "z must match u's shape and dtype"
@@ -303,8 +540,18 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, chunk_size):
     return batch, dim, L, N, ngroups
 
 
-def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk_size: int = 64, *,
-                       block_d: int | None = None, poison: bool | None = None):
+def _A2t(A):
+    """A^T log2(e), (N, dim) fp32 contiguous: exp(dt A) = exp2(dt A2), one row load per state."""
+    return (A.float() * LOG2E).t().contiguous()
+
+
+def _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, num_warps):
+    return dict(N=N, BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T, HAS_D=D is not None, HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), num_warps=num_warps)
+
+
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk_size: int | None = None,
+                       *, block_d: int | None = None, n_splits: int | None = None, poison: bool | None = None):
     """Forward selective scan.
 
     Args:
@@ -313,51 +560,101 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
         B, C: (batch, G, N, L) contiguous, in u's dtype or fp32; channel d uses group d // (dim // G).
         D, delta_bias: (dim,) fp32 or None.
         delta_softplus: apply softplus to delta + delta_bias.
-        chunk_size: time steps between two checkpoints.
-        block_d: channels per program (power of two); None picks one from N.
+        chunk_size: time steps between two checkpoints (a power of two); None: ``default_chunk_size(N)``.
+        block_d: channels per program (power of two); None: 128, or dim // G rounded up if fewer.
+        n_splits: time splits run in parallel (chunked scan with a carry pass); None: as many as
+            needed to fill the GPU (1 when batch x channel blocks already do).
         poison: fill the outputs with NaN before launching (debug); None reads COMPRESSM_MAMBA_POISON.
 
     Returns:
         (out, last_state, checkpoints): out (batch, dim, L) in u.dtype; last_state (batch, dim, N) fp32;
-        checkpoints (batch, dim, ceil(L / chunk_size), N) fp32, the state h at the start of each chunk
-        (before its first step), from which the backward recomputes states chunk by chunk.
+        checkpoints (batch, dim, ceil(L / chunk_size), N) fp32, the state h at the start of each chunk,
+        from which the backward recomputes states.
     """
+    N = A.shape[1] if A.dim() == 2 else 0
+    chunk_size = default_chunk_size(N) if chunk_size is None else chunk_size
     batch, dim, L, N, ngroups = _check_args(u, delta, A, B, C, D, z, delta_bias, chunk_size)
     poison = _want_poison(poison)
     dim_per_group = dim // ngroups
     n_chunks = math.ceil(L / chunk_size)
-    NP, BLOCK_D, num_warps = _config(N, dim_per_group, block_d)
-    n_blocks = triton.cdiv(dim_per_group, BLOCK_D)
+    BLOCK_T, BLOCK_D, num_warps = tile_config(u.dtype, B.dtype, chunk_size, dim_per_group, block_d)
+    tiles_per_chunk = chunk_size // BLOCK_T
+    n_tiles = math.ceil(L / BLOCK_T)
+    blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
+    # Splits are whole chunks, so that every checkpoint is written by the pass that owns its chunk.
+    splits, chunks_per_split = _time_splits(batch * ngroups * blocks_per_group, num_warps, n_chunks, u.device,
+                                            n_splits)
+    tiles_per_split = chunks_per_split * tiles_per_chunk
 
     out = _empty((batch, dim, L), u.dtype, u.device, poison)
-    last_state = _empty((batch, dim, N), torch.float32, u.device, poison)
     checkpoints = _empty((batch, dim, n_chunks, N), torch.float32, u.device, poison)
-    if batch == 0 or dim == 0:
-        return out, last_state, checkpoints
+    if batch == 0 or dim == 0 or L == 0:
+        return out, torch.zeros(batch, dim, N, dtype=torch.float32, device=u.device), checkpoints
 
-    grid = (batch, ngroups, n_blocks)
-    _selective_scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-        delta_bias if delta_bias is not None else A,
-        out, last_state, checkpoints,
-        dim, L, ngroups, dim_per_group, n_chunks, chunk_size,
-        N=N, NP=NP, BLOCK_D=BLOCK_D,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), num_warps=num_warps,
-    )
+    A2t = _A2t(A)
+    carry = torch.zeros((batch, splits, N, dim), dtype=torch.float32, device=u.device)
+    flags = _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, num_warps)
+    args = (u, delta, A2t, B, C, D if D is not None else A2t, z if z is not None else u,
+            delta_bias if delta_bias is not None else A2t, out, checkpoints, carry)
+    sizes = (dim, L, ngroups, dim_per_group, blocks_per_group, n_tiles, tiles_per_split, tiles_per_chunk, n_chunks)
+    grid = (ngroups * blocks_per_group, batch, splits)
+    if splits > 1:
+        dtsum = _empty((batch, splits, dim), torch.float32, u.device, poison)
+        _scan_fwd_kernel[grid](*args, dtsum, *sizes, LOCAL=True, **flags)
+        # Carry pass: the state at split s's start from split s-1's local end state and its total
+        # decay exp2(A2 * sum of dt); carry[:, s] becomes that start.
+        decay = torch.exp2(A2t[None, None] * dtsum[:, :, None, :])  # (batch, splits, N, dim)
+        local_end = carry.clone()
+        carry[:, 0] = 0.0
+        for s in range(1, splits):
+            carry[:, s] = local_end[:, s - 1] + decay[:, s - 1] * carry[:, s - 1]
+    _scan_fwd_kernel[grid](*args, carry, *sizes, LOCAL=False, **flags)
+    last_state = carry[:, splits - 1].transpose(1, 2).contiguous()
     return out, last_state, checkpoints
 
 
+def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, input_bytes, device, *,
+                  block_d=None, n_splits=None, d_splits=None):
+    """The backward's launch plan, a dict (tile sizes, channel splits P, time splits, scratch bytes).
+
+    P (channel splits, each with its own fp32 dB/dC partial, 8 batch G P N L bytes) is the most
+    whose partials fit in ``input_bytes``; time splits then make up the programs the GPU needs, as
+    far as the tile-start scratch (4 batch splits G P BLOCK_D tiles_per_chunk N bytes) fits in half
+    of ``input_bytes``.
+    """
+    dim_per_group = dim // ngroups
+    n_chunks = math.ceil(L / chunk_size)
+    BLOCK_T, BLOCK_D, num_warps = tile_config(u_dtype, bc_dtype, chunk_size, dim_per_group, block_d)
+    tiles_per_chunk = chunk_size // BLOCK_T
+    blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
+    if d_splits is None:
+        d_splits = input_bytes // max(1, 8 * batch * ngroups * N * L)
+    d_splits = max(1, min(d_splits, blocks_per_group))
+    per_p = triton.cdiv(blocks_per_group, d_splits)
+    d_splits = triton.cdiv(blocks_per_group, per_p)
+    scratch_per_split = 4 * batch * ngroups * d_splits * BLOCK_D * tiles_per_chunk * N
+    cap = max(1, (input_bytes // 2) // max(1, scratch_per_split))
+    splits, chunks_per_split = _time_splits(batch * ngroups * d_splits, num_warps, n_chunks, device, n_splits, cap)
+    return dict(BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps, tiles_per_chunk=tiles_per_chunk,
+                blocks_per_group=blocks_per_group, d_splits=d_splits, blocks_per_psplit=per_p, n_splits=splits,
+                chunks_per_split=chunks_per_split, partial_bytes=8 * batch * ngroups * d_splits * N * L,
+                scratch_bytes=splits * scratch_per_split)
+
+
 def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, checkpoints,
-                       chunk_size: int = 64, *, block_d: int | None = None, poison: bool | None = None):
+                       chunk_size: int | None = None, *, block_d: int | None = None, n_splits: int | None = None,
+                       d_splits: int | None = None, poison: bool | None = None):
     """Gradients of the scalar sum(out * dout) of ``selective_scan_fwd``.
 
     Args:
         dout: (batch, dim, L) contiguous, u's dtype.
         u, delta, A, B, C, D, z, delta_bias, delta_softplus: as given to ``selective_scan_fwd``.
-        checkpoints: (batch, dim, ceil(L / chunk_size), N) fp32 from ``selective_scan_fwd`` with the
-            same chunk_size.
-        block_d, poison: as in ``selective_scan_fwd`` (block_d need not match the forward's).
+        checkpoints: (batch, dim, ceil(L / chunk_size), N) fp32 contiguous from ``selective_scan_fwd``
+            with the same chunk_size.
+        block_d, n_splits: as in ``selective_scan_fwd`` (need not match the forward's).
+        d_splits: channel splits with their own dB/dC partial; None: the most whose partials fit in
+            the size of the inputs.
+        poison: as in ``selective_scan_fwd``.
 
     Returns:
         (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias): du, ddelta, dz (batch, dim, L) in the dtype of
@@ -365,56 +662,71 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
         dD, ddelta_bias (dim,) fp32, None when D / delta_bias are None.  ddelta is with respect to
         the raw delta (before bias and softplus).
     """
+    N = A.shape[1] if A.dim() == 2 else 0
+    chunk_size = default_chunk_size(N) if chunk_size is None else chunk_size
     batch, dim, L, N, ngroups = _check_args(u, delta, A, B, C, D, z, delta_bias, chunk_size)
     assert dout.shape == u.shape and dout.is_contiguous(), "dout must be contiguous with u's shape"
     poison = _want_poison(poison)
-    dim_per_group = dim // ngroups
     n_chunks = math.ceil(L / chunk_size)
     assert checkpoints.shape == (batch, dim, n_chunks, N) and checkpoints.dtype == torch.float32, (
         f"checkpoints must be (batch, dim, {n_chunks}, N) fp32, got {tuple(checkpoints.shape)} {checkpoints.dtype}"
     )
     assert checkpoints.is_contiguous(), "checkpoints must be contiguous"
-    NP, BLOCK_D, num_warps = _config(N, dim_per_group, block_d)
-    n_blocks = triton.cdiv(dim_per_group, BLOCK_D)
+    input_bytes = sum(t.numel() * t.element_size() for t in (dout, u, delta, z, B, C) if t is not None)
+    plan = backward_plan(batch, dim, L, N, ngroups, u.dtype, B.dtype, chunk_size, input_bytes, u.device,
+                         block_d=block_d, n_splits=n_splits, d_splits=d_splits)
+    BLOCK_T, BLOCK_D, P, splits = plan["BLOCK_T"], plan["BLOCK_D"], plan["d_splits"], plan["n_splits"]
     dev = u.device
     f32 = torch.float32
 
     du = _empty(u.shape, u.dtype, dev, poison)
     ddelta = _empty(delta.shape, delta.dtype, dev, poison)
     dz = _empty(z.shape, z.dtype, dev, poison) if z is not None else None
-    dA_part = _empty((batch, dim, N), f32, dev, poison)
-    dB_part = _empty((batch, ngroups, n_blocks, L, N), f32, dev, poison)
-    dC_part = _empty((batch, ngroups, n_blocks, L, N), f32, dev, poison)
-    dD_part = _empty((batch, dim), f32, dev, poison) if D is not None else None
-    dbias_part = _empty((batch, dim), f32, dev, poison) if delta_bias is not None else None
-    # A chunk never holds more than min(chunk_size, L) steps, so the scratch needs only that many
-    # slots per program.  Passing this clamped value as the kernel's chunk_size changes no chunk
-    # boundary (when L < chunk_size there is a single chunk either way); max(1, .) keeps the buffer
-    # non-empty so its pointer is valid when L == 0.
-    scratch_chunk = max(1, min(chunk_size, L))
-    scratch = _empty((max(1, batch * ngroups * n_blocks * scratch_chunk * BLOCK_D * NP),), f32, dev, poison)
+    dA_part = torch.zeros((splits, batch, N, dim), dtype=f32, device=dev)
+    dBC_part = _empty((2, batch, ngroups, P, N, L), f32, dev, poison)
+    dD_part = _empty((splits, batch, dim), f32, dev, poison) if D is not None else None
+    dbias_part = _empty((splits, batch, dim), f32, dev, poison) if delta_bias is not None else None
+    gcarry = torch.zeros((batch, splits, N, dim), dtype=f32, device=dev)
 
-    if batch > 0 and dim > 0:
-        grid = (batch, ngroups, n_blocks)
-        _selective_scan_bwd_kernel[grid](
-            dout, u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-            delta_bias if delta_bias is not None else A, checkpoints, scratch,
-            du, ddelta, dz if dz is not None else du, dA_part, dB_part, dC_part,
-            dD_part if dD_part is not None else dA_part, dbias_part if dbias_part is not None else dA_part,
-            dim, L, ngroups, dim_per_group, n_blocks, n_chunks, scratch_chunk,
-            N=N, NP=NP, BLOCK_D=BLOCK_D,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), num_warps=num_warps,
-        )
+    if batch > 0 and dim > 0 and L > 0:
+        A2t = _A2t(A)
+        flags = _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, plan["num_warps"])
+        grid = (ngroups * P, batch, splits)
+        scratch = _empty((max(1, plan["scratch_bytes"] // 4),), f32, dev, poison)
+        dtsum = _empty((batch, splits, dim), f32, dev, poison) if splits > 1 else gcarry
+
+        def launch(local):
+            _scan_bwd_kernel[grid](
+                dout, u, delta, A2t, B, C, D if D is not None else A2t, z if z is not None else u,
+                delta_bias if delta_bias is not None else A2t, checkpoints, gcarry, scratch,
+                du, ddelta, dz if dz is not None else du, dA_part, dBC_part,
+                dD_part if dD_part is not None else dA_part, dbias_part if dbias_part is not None else dA_part,
+                dtsum,
+                batch, dim, L, ngroups, dim // ngroups, plan["blocks_per_group"], plan["blocks_per_psplit"], P,
+                math.ceil(L / BLOCK_T), plan["tiles_per_chunk"], n_chunks, plan["chunks_per_split"],
+                dBC_part[1].storage_offset(),
+                LOCAL=local, **flags,
+            )
+
+        if splits > 1:
+            launch(True)
+            # Carry pass, last split first: q = a dL/dh at the step after split s = the local q at
+            # split s+1's start plus split s+1's total decay times q after split s+1.
+            decay = torch.exp2(A2t[None, None] * dtsum[:, :, None, :])  # (batch, splits, N, dim)
+            g_local = gcarry.clone()
+            gcarry[:, splits - 1] = 0.0
+            for s in range(splits - 2, -1, -1):
+                gcarry[:, s] = g_local[:, s + 1] + decay[:, s + 1] * gcarry[:, s + 1]
+        launch(False)
     else:
         # No program runs: every sum is empty.
-        for t in (du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part):
+        for t in (du, ddelta, dz, dBC_part, dD_part, dbias_part):
             if t is not None:
                 t.zero_()
 
-    dA = dA_part.sum(0)
-    dB = dB_part.sum(2).transpose(-1, -2).to(B.dtype).contiguous()
-    dC = dC_part.sum(2).transpose(-1, -2).to(C.dtype).contiguous()
-    dD = dD_part.sum(0) if dD_part is not None else None
-    ddelta_bias = dbias_part.sum(0) if dbias_part is not None else None
+    dA = dA_part.sum((0, 1)).t()
+    dB = dBC_part[0].sum(2).to(B.dtype)
+    dC = dBC_part[1].sum(2).to(C.dtype)
+    dD = dD_part.sum((0, 1)) if dD_part is not None else None
+    ddelta_bias = dbias_part.sum((0, 1)) if dbias_part is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias

@@ -66,7 +66,11 @@ def resolve_backend(backend: str, device: torch.device, N: int, op: str = "selec
 
 
 class _TritonSelectiveScan(torch.autograd.Function):
-    """Triton forward and backward kernels; the state is recomputed chunk by chunk in the backward."""
+    """Triton forward and backward kernels; the state is recomputed chunk by chunk in the backward.
+
+    chunk_size None lets the kernels pick the checkpoint interval for N (kernels.default_chunk_size);
+    the backward receives the same value, so its chunks match the forward's checkpoints.
+    """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size):
@@ -99,7 +103,7 @@ def _triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     as32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     out, last = _TritonSelectiveScan.apply(
         u.contiguous(), delta.to(u.dtype).contiguous(), A.float().contiguous(), B4.contiguous(), C4.contiguous(),
-        as32(D), None if z is None else z.to(u.dtype).contiguous(), as32(delta_bias), delta_softplus, 64,
+        as32(D), None if z is None else z.to(u.dtype).contiguous(), as32(delta_bias), delta_softplus, None,
     )
     return out, last
 

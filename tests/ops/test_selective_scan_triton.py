@@ -5,6 +5,12 @@ inputs the kernel saw, cast up to float64.  Without a GPU the kernels run in Tri
 (tests/conftest.py switches it on), so the CPU shapes are tiny; the CUDA-only tests use bigger ones.
 Every launch passes poison=True: the launchers fill each output with NaN first, and assert_close
 rejects non-finite values, so an element a kernel never writes fails the test.
+
+The cases reach every mechanism of the kernels: several time tiles per chunk and several chunks
+(carries between tiles and checkpoints), time splits (the local passes and the carry pass, forward
+and backward), several channel blocks per program (dB/dC partials accumulated over blocks), partial
+tiles at the sequence end, N from 1 to 200 (the same state loop for every N), groups, fp32 B/C with
+fp16 u (4-step tiles), and z / D / delta_bias / softplus on and off.
 """
 
 from __future__ import annotations
@@ -66,12 +72,13 @@ def _check(tensor, expected, name):
 
 
 def _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, *, with_D=True, with_z=True, with_bias=True,
-                     softplus=True, bc_fp32=False, block_d=None, seed=0):
+                     softplus=True, bc_fp32=False, block_d=None, n_splits=None, bwd_splits=None, d_splits=None, seed=0):
     kernels = _kernels()
     inputs = _make_inputs(batch, dim, N, L, ngroups, dtype, bc_fp32, with_D, with_z, with_bias, softplus, seed)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
 
-    out, last_state, ckpts = kernels.selective_scan_fwd(*args, softplus, chunk_size, block_d=block_d, poison=True)
+    out, last_state, ckpts = kernels.selective_scan_fwd(*args, softplus, chunk_size, block_d=block_d, n_splits=n_splits,
+                                                        poison=True)
     assert out.dtype == dtype and last_state.dtype == torch.float32 and ckpts.dtype == torch.float32
     assert ckpts.shape == (batch, dim, math.ceil(L / chunk_size), N)
 
@@ -81,7 +88,8 @@ def _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, *, with_D=Tru
     _check(last_state, ref_last, "last_state")
     _check(ckpts, reference_checkpoints(inputs, softplus, chunk_size), "checkpoints")
 
-    grads = kernels.selective_scan_bwd(dout, *args, softplus, ckpts, chunk_size, block_d=block_d, poison=True)
+    grads = kernels.selective_scan_bwd(dout, *args, softplus, ckpts, chunk_size, block_d=block_d, n_splits=bwd_splits,
+                                       d_splits=d_splits, poison=True)
     for name, grad in zip(GRAD_NAMES, grads):
         if inputs[name] is None:
             assert grad is None, f"d{name} should be None when {name} is None"
@@ -89,26 +97,28 @@ def _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, *, with_D=Tru
         assert grad.shape == inputs[name].shape, f"d{name} shape {tuple(grad.shape)}"
         assert grad.dtype == inputs[name].dtype, f"d{name} dtype {grad.dtype} != {inputs[name].dtype}"
         _check(grad, ref_grads[name], f"d{name}")
+    return grads
 
 
-# (batch, dim, N, L, ngroups, chunk_size, options).  dim is never a multiple of the channel block
-# (the default block is the next power of two of dim // ngroups, block_d=4 forces several blocks per
-# group with a ragged last one); chunk sizes 4 and 8 put chunk boundaries inside L = 7 and 63, and
-# 64 > L gives a single partial chunk.
+# (batch, dim, N, L, ngroups, chunk_size, options).  fp32 inputs make 4-step tiles, fp16 ones 8-step
+# tiles (4 with fp32 B/C).  n_splits / bwd_splits force time splits (local pass + carry pass) where
+# the automatic plan, sized for a GPU, would pick them anyway on these tiny shapes; block_d=4 with
+# d_splits=1 makes one program walk several channel blocks, adding into its dB/dC partial.
 CPU_CASES = [
-    pytest.param(2, 5, 1, 1, 1, 64, {}, id="L1-N1"),
-    pytest.param(2, 5, 12, 7, 1, 4, dict(with_z=False), id="L7-N12-chunk4-noz"),
-    pytest.param(1, 10, 13, 7, 2, 4, dict(with_D=False, with_bias=False, softplus=False, block_d=4),
-                 id="L7-N13-G2-nosoftplus-blocks"),
-    pytest.param(1, 9, 16, 63, 1, 8, dict(block_d=4), id="L63-N16-chunk8-blocks"),
-    pytest.param(1, 6, 64, 63, 2, 8, dict(with_bias=False), id="L63-N64-G2"),
-    pytest.param(1, 3, 256, 7, 1, 4, dict(softplus=False), id="L7-N256-nosoftplus"),
+    pytest.param(2, 5, 1, 1, 1, 8, {}, id="L1-N1"),
+    pytest.param(2, 5, 12, 7, 1, 4, dict(with_z=False, n_splits=2, bwd_splits=2), id="L7-N12-2splits-noz"),
+    pytest.param(1, 10, 13, 7, 2, 8, dict(with_D=False, with_bias=False, softplus=False, block_d=4, d_splits=1,
+                                          n_splits=1, bwd_splits=1),
+                 id="L7-N13-G2-nosoftplus-blockwalk"),
+    pytest.param(1, 3, 16, 63, 1, 16, dict(n_splits=3, bwd_splits=2), id="L63-N16-chunk16-splits"),
+    pytest.param(1, 3, 128, 9, 1, 8, dict(softplus=False, with_D=False), id="L9-N128-nosoftplus"),
+    pytest.param(1, 2, 200, 3, 1, 4, dict(with_z=False, with_bias=False), id="L3-N200"),
 ]
 
 FP16_CASES = [
-    pytest.param(2, 5, 16, 63, 1, 8, {}, id="L63-N16-chunk8"),
-    pytest.param(2, 10, 13, 7, 2, 4, dict(with_z=False, softplus=False, bc_fp32=True, block_d=4),
-                 id="L7-N13-G2-BCfp32-blocks"),
+    pytest.param(2, 5, 16, 63, 1, 16, dict(n_splits=2, bwd_splits=3), id="L63-N16-chunk16-splits"),
+    pytest.param(2, 10, 13, 7, 2, 4, dict(with_z=False, softplus=False, bc_fp32=True, block_d=4, d_splits=1),
+                 id="L7-N13-G2-BCfp32-blockwalk"),
     pytest.param(1, 9, 12, 1, 1, 64, dict(with_D=False, with_z=False, with_bias=False), id="L1-N12-bare"),
 ]
 
@@ -121,6 +131,25 @@ def test_fp32_matchesreference_scan_with_grads(batch, dim, N, L, ngroups, chunk_
 @pytest.mark.parametrize("batch, dim, N, L, ngroups, chunk_size, opts", FP16_CASES)
 def test_fp16_matchesreference_scan_with_grads(batch, dim, N, L, ngroups, chunk_size, opts):
     _run_and_compare(batch, dim, N, L, ngroups, chunk_size, torch.float16, **opts)
+
+
+def test_backward_plan_bounds_scratch_by_the_inputs():
+    """The backward's dB/dC partials fit in the size of its inputs and its tile-start scratch in half
+    of it, at the reference shape (batch 8, dim 3072, L 2048, bf16) for N = 12 ... 256, while up to
+    N = 128 time splits make up the warps a 132-SM GPU needs (a plan: nothing is launched).  At N = 256
+    the scratch bound wins and the plan has fewer warps (the docstring of kernels.selective_scan)."""
+    kernels = _kernels()
+    batch, dim, L = 8, 3072, 2048
+    for N in (12, 16, 128, 256):
+        chunk = kernels.default_chunk_size(N)
+        input_bytes = 4 * batch * dim * L * 2 + 2 * batch * N * L * 2  # dout, u, delta, z; B, C
+        plan = kernels.backward_plan(batch, dim, L, N, 1, torch.bfloat16, torch.bfloat16, chunk, input_bytes, "cpu")
+        assert plan["partial_bytes"] <= input_bytes, (N, plan)
+        assert plan["scratch_bytes"] <= input_bytes // 2, (N, plan)
+        assert plan["BLOCK_T"] == 8 and plan["tiles_per_chunk"] == chunk // 8
+        warps = batch * plan["d_splits"] * plan["n_splits"] * plan["num_warps"]
+        if N <= 128:
+            assert plan["n_splits"] > 1 and warps >= 132 * 8, (N, plan)
 
 
 def test_empty_sequence():
@@ -156,7 +185,12 @@ def test_poison_fills_outputs_with_nan(monkeypatch):
         pytest.param(2, 100, 16, 300, 2, 64, {}, id="L300-N16-G2"),
         pytest.param(1, 37, 200, 129, 1, 32, dict(with_z=False, softplus=False), id="L129-N200"),
         pytest.param(2, 24, 13, 63, 4, 8, dict(bc_fp32=True, with_D=False), id="L63-N13-G4-BCfp32"),
+        pytest.param(1, 300, 12, 2000, 1, 64, dict(n_splits=5, bwd_splits=4, d_splits=1), id="L2000-N12-splits"),
     ],
 )
 def test_cuda_matchesreference_scan_with_grads(batch, dim, N, L, ngroups, chunk_size, opts, dtype):
-    _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, **opts)
+    grads = _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, **opts)
+    again = _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, **opts)
+    for name, g1, g2 in zip(GRAD_NAMES, grads, again):
+        if g1 is not None:
+            assert torch.equal(g1, g2), f"d{name} differs between two identical runs (must be deterministic)"
