@@ -81,8 +81,11 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # filled with NaN, so an element a kernel forgets to write shows up as NaN instead of stale memory.
 _POISON_ENV = "COMPRESSM_MAMBA_POISON"
 
-# 32 channels per warp (one thread each), 4 warps per program.
+# 32 channels per warp (one thread each), one warp per program.
 _NUM_WARPS = 1
+# The backward's channels per program: 64, two channels per thread, so that each warp-sum over
+# channels for dB / dC (5 butterfly steps per value) serves 64 channels, not 32.
+_BWD_BLOCK_D = 64
 # Resident warps per SM the launch plan aims for (half of the 64 an H100/H200 SM can hold).
 _WARPS_PER_SM = 32
 
@@ -276,7 +279,7 @@ def _scan_bwd_kernel(
     n_tiles, tiles_per_chunk, n_chunks, chunks_per_split, dC_offset,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     LOCAL: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ONE_TILE_CHUNKS: tl.constexpr,
 ):
     """Program (group * n_psplits + p, batch, time split s): channel blocks of p; chunks of s last first.
 
@@ -332,7 +335,7 @@ def _scan_bwd_kernel(
             c = c1 - 1 - (c_rev - c0)
             kc0 = c * tiles_per_chunk
             kc1 = tl.minimum(kc0 + tiles_per_chunk, n_tiles)
-            if not LOCAL:
+            if not LOCAL and not ONE_TILE_CHUNKS:
                 # Re-walk the chunk forward from its checkpoint, keeping the state at each tile start
                 # (slot j = tile kc0 + j; slot 0 is the checkpoint itself and is not copied).
                 for k in range(kc0, kc1 - 1):
@@ -396,8 +399,9 @@ def _scan_bwd_kernel(
                         g = cy + tl.flip(q_excl, 1)  # dL/dh_t
                         B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
                         h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
-                        h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
-                                        mask=mask_d & (j > 0), other=0.0)
+                        if not ONE_TILE_CHUNKS:
+                            h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
+                                            mask=mask_d & (j > 0), other=0.0)
                         b = dtu * B_n
                         h = _scan_from(a, b, h_in, offs_t)
                         if HAS_Z:
@@ -454,12 +458,15 @@ def _scan_bwd_kernel(
 
 
 def default_chunk_size(N: int) -> int:
-    """Time steps between two checkpoints for state size N.
+    """Time steps between two checkpoints for state size N: the fewest that keep them <= 8 bytes per step.
 
     The checkpoints are (batch, dim, L / chunk, N) fp32: 4 N / chunk bytes per element of u, at most
-    8 (the size of four bf16 inputs) with 64 steps up to N = 128 and 128 steps above.
+    8 (the size of four bf16 inputs) with chunk = the power of two >= N / 2, at least 8 (one bf16
+    tile).  Shorter chunks are cheaper: the backward re-walks (tiles_per_chunk - 1) / tiles_per_chunk
+    of the time steps to rebuild tile starts, so at N <= 16 (8-step chunks, one bf16 tile each) it
+    re-walks nothing; N = 128 keeps 64 steps (7/8 re-walked), N = 256 128 steps.
     """
-    return 64 if N <= 128 else 128
+    return max(8, triton.next_power_of_2(max(1, -(-N // 2))))
 
 
 def tile_config(u_dtype, bc_dtype, chunk_size: int, dim_per_group: int, block_d: int | None = None):
@@ -624,6 +631,8 @@ def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, inpu
     """
     dim_per_group = dim // ngroups
     n_chunks = math.ceil(L / chunk_size)
+    if block_d is None:
+        block_d = min(_BWD_BLOCK_D, triton.next_power_of_2(max(dim_per_group, 1)))
     BLOCK_T, BLOCK_D, num_warps = tile_config(u_dtype, bc_dtype, chunk_size, dim_per_group, block_d)
     tiles_per_chunk = chunk_size // BLOCK_T
     blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
@@ -705,7 +714,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
                 batch, dim, L, ngroups, dim // ngroups, plan["blocks_per_group"], plan["blocks_per_psplit"], P,
                 math.ceil(L / BLOCK_T), plan["tiles_per_chunk"], n_chunks, plan["chunks_per_split"],
                 dBC_part[1].storage_offset(),
-                LOCAL=local, **flags,
+                LOCAL=local, ONE_TILE_CHUNKS=plan["tiles_per_chunk"] == 1, **flags,
             )
 
         if splits > 1:
