@@ -7,7 +7,8 @@ Every launch passes poison=True: the launchers fill each output with NaN first, 
 rejects non-finite values, so an element a kernel never writes fails the test.
 
 The cases reach every mechanism of the kernels: several time tiles per chunk and several chunks
-(carries between tiles and checkpoints), time splits (the local passes and the carry pass, forward
+(carries between tiles and checkpoints, the re-walk from a checkpoint), one-tile chunks (the
+re-walk compiled out), a default 64-channel backward block, time splits (the local passes and the carry pass, forward
 and backward), several channel blocks per program (dB/dC partials accumulated over blocks), partial
 tiles at the sequence end, N from 1 to 200 (the same state loop for every N), groups, fp32 B/C with
 fp16 u (4-step tiles), and z / D / delta_bias / softplus on and off.
@@ -112,7 +113,8 @@ CPU_CASES = [
     # 8 tiles in 4 chunks of 2 tiles (re-walk from a checkpoint), a partial last tile, 2 time splits.
     pytest.param(1, 2, 3, 29, 1, 8, dict(n_splits=2, bwd_splits=2), id="L29-N3-chunk8-splits"),
     # One-tile chunks (no re-walk), 3 chunks over 2 and 3 time splits, no z.
-    pytest.param(1, 2, 12, 10, 1, 4, dict(with_z=False, n_splits=2, bwd_splits=3), id="L10-N12-chunk4-splits-noz"),
+    pytest.param(1, 2, 12, 10, 1, 4, dict(with_z=False, n_splits=2, bwd_splits=3),
+                 id="L10-N12-chunk4-splits-noz"),
     pytest.param(1, 10, 13, 5, 2, 8, dict(with_D=False, with_bias=False, softplus=False, block_d=4, d_splits=1,
                                           n_splits=1, bwd_splits=1),
                  id="L5-N13-G2-nosoftplus-blockwalk"),
@@ -144,8 +146,9 @@ def test_fp16_matchesreference_scan_with_grads(batch, dim, N, L, ngroups, chunk_
 def test_backward_plan_bounds_scratch_by_the_inputs():
     """The backward's dB/dC partials fit in the size of its inputs and its tile-start scratch in half
     of it, at the reference shape (batch 8, dim 3072, L 2048, bf16) for N = 12 ... 256, while up to
-    N = 128 time splits make up the channel rows (warps x channels per thread) a 132-SM GPU needs (a plan: nothing is launched).  At N = 256
-    the scratch bound wins and the plan has fewer rows (the docstring of kernels.selective_scan)."""
+    N = 128 time splits make up the channel rows (warps x channels per thread) a 132-SM GPU needs (a
+    plan: nothing is launched).  At N = 256 the scratch bound wins and the plan has fewer rows (the
+    docstring of kernels.selective_scan)."""
     kernels = _kernels()
     batch, dim, L = 8, 3072, 2048
     for N in (12, 16, 128, 256):
