@@ -4,7 +4,9 @@ Mechanism only: the launchers assert shapes and layouts, choose tiles and splits
 validation, contiguity, viewing 3-D B/C as one group and the autograd wrapper live in
 ``compressm_mamba.ops``.  The float64 specification is ``compressm_mamba.reference.selective_scan``.
 Costs quoted below are PREDICTIONS from the sm_90 SASS of these kernels (Triton 3.7.1 AOT) and an
-issue-rate model, not measurements (bench/results/triton_scan_static_prediction.txt).
+issue-rate model, not measurements (bench/results/triton_scan_static_prediction.txt): at (batch 8,
+dim 3072, L 2048) bf16 on an H200, fwd+bwd 3.7-5.3 ms at N = 16 (mamba_ssm's CUDA scan, compiled
+the same way: 3.6-4.7 ms; 1.07x at mid-points), N = 128 / N = 12 = 8.6x.
 
 The problem: an element-wise linear recurrence over (batch, channel d, state n) lanes along time,
 h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plus reductions over n
@@ -15,7 +17,9 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
   coalescing layout is exactly "time inside a thread").  A warp's 32 channels x 8 steps are read as
   32 full sectors along L, never one element per step at stride L.  Then every scan along time is a
   sequential loop inside a thread: no shuffles, no shared memory (the first design, with time across
-  8 lanes, spent ~170 shuffles per state and tile in the reverse scan alone).
+  8 lanes, spent ~170 shuffles per state and tile in the reverse scan alone).  The forward has one
+  channel per thread (BLOCK_D = 32, one warp); the backward two (BLOCK_D = 64, channels d and
+  d + 32 of one warp), for its cross-channel sums (below).
 
 * States are a runtime loop ``for n in range(N)`` around (BLOCK_D, BLOCK_T) tiles, not a padded
   (BLOCK_D, next_pow2(N)) register tile: N = 12 does 12 iterations, not 16.  Registers do not grow
@@ -40,23 +44,35 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
 * Backward, per chunk (``chunk_size`` steps, the checkpoint interval) in reverse: re-walk the chunk
   forward from its checkpoint keeping only the state at each tile start (a scratch of
   tiles_per_chunk x N x BLOCK_D per program), then per tile in reverse recompute the tile's states
-  and run the adjoint.  With q_t = a_t dL/dh_t, q_t = a_t q_{t+1} + a_t dy_t C_t is a forward scan
-  of the time-flipped tile (a flip inside a thread is a register renaming; Triton's reverse=True
-  scan shuffles across all lanes even then), and its exclusive value q_{t+1} gives
+  and run the adjoint.  The re-walk costs (tiles_per_chunk - 1) / tiles_per_chunk of a forward
+  state step, so the chunk is the shortest that keeps the checkpoints <= 8 bytes per step
+  (``default_chunk_size``): at N <= 16 one bf16 tile, and the re-walk and its scratch are compiled
+  out (ONE_TILE_CHUNKS); N = 128 keeps 64 steps.  With q_t = a_t dL/dh_t,
+  q_t = a_t q_{t+1} + a_t dy_t C_t is a forward scan of the time-flipped tile (a flip inside a
+  thread is a register renaming; Triton's reverse=True scan shuffles across all lanes even then),
+  and its exclusive value q_{t+1} gives
   dL/dh_t = dy_t C_t + q_{t+1}: the same a_t as the state recompute, no shifted delta.
   a_t h_{t-1} = h_t - b_t, so dA and ddelta need no shifted state either.  Time splits work as in
   the forward (a local reverse pass, a carry pass over splits, the full pass).
 
 * dB, dC deterministic, without atomics: a program owns (batch, group, channel split p, time split)
-  and walks its 32-channel blocks one after the other, adding each block's warp-sum over channels
-  into its own fp32 partial (batch, group, p, N, L); torch sums the P partials.  P is the largest
-  whose partials fit in the size of the backward's inputs.  The warp-sum over 32 channels is the
-  backward's largest cost (5 butterfly steps per value, ~40% of the state loop).
+  and walks its 64-channel blocks one after the other, adding each block's sum over channels into
+  its own fp32 partial (batch, group, p, N, L); torch sums the P partials.  P is the largest whose
+  partials fit in the size of the backward's inputs.  The sum over channels is the backward's
+  largest cost: a warp-sum is 5 butterfly steps (SHFL + FADD) for each of a thread's 8 steps, for
+  dB and dC, 80 SHFL per state and tile.  With 32 channels per warp that was ~40% of the state loop
+  (414 SASS instructions per state per 32 x 8 tile); with two channels per thread one in-thread FADD
+  folds them first and the same 80 shuffles serve 64 channels: 606 per state per 64 x 8 tile, 303
+  per 256 element-steps, 27% fewer.  The price is registers: 255 (no spills, bf16) instead of 168,
+  8 resident warps per SM instead of 12, but 16 channel rows (independent recurrences) instead of
+  12.  A reduce-scatter would need 9 shuffles for 8 values over 32 lanes instead of 40, but
+  tl.sum lowers to an all-reduce butterfly and Triton has no shuffle primitive; inline PTX
+  shuffles would run on no CPU interpreter, so nothing here could check them.
 
 * Memory (bytes; the backward's extra, besides its outputs): dB/dC partials 8 B G P N L (<= the
   inputs' size); tile-start scratch 4 S B G P BLOCK_D (chunk / BLOCK_T) N (<= half of it; S, the
   time splits, is capped by this); carries and dA / dD / dbias partials 4 S B dim (N + 3).  The
-  forward saves checkpoints 4 B dim N L / chunk (chunk 64 up to N = 128, 128 above).
+  forward saves checkpoints 4 B dim N L / chunk <= 8 B dim L (``default_chunk_size``).
 
 * Everything accumulates in fp32; addresses are int64 where products can pass 2**31; every load
   and store is masked on channel and time edges (steps past L are identity maps a = 1, b = 0, so a
@@ -81,8 +97,11 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # filled with NaN, so an element a kernel forgets to write shows up as NaN instead of stale memory.
 _POISON_ENV = "COMPRESSM_MAMBA_POISON"
 
-# 32 channels per warp (one thread each), 4 warps per program.
+# 32 channels per warp (one thread each), one warp per program.
 _NUM_WARPS = 1
+# The backward's channels per program: 64, two channels per thread, so that each warp-sum over
+# channels for dB / dC (5 butterfly steps per value) serves 64 channels, not 32.
+_BWD_BLOCK_D = 64
 # Resident warps per SM the launch plan aims for (half of the 64 an H100/H200 SM can hold).
 _WARPS_PER_SM = 32
 
@@ -276,7 +295,7 @@ def _scan_bwd_kernel(
     n_tiles, tiles_per_chunk, n_chunks, chunks_per_split, dC_offset,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     LOCAL: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ONE_TILE_CHUNKS: tl.constexpr,
 ):
     """Program (group * n_psplits + p, batch, time split s): channel blocks of p; chunks of s last first.
 
@@ -332,7 +351,7 @@ def _scan_bwd_kernel(
             c = c1 - 1 - (c_rev - c0)
             kc0 = c * tiles_per_chunk
             kc1 = tl.minimum(kc0 + tiles_per_chunk, n_tiles)
-            if not LOCAL:
+            if not LOCAL and not ONE_TILE_CHUNKS:
                 # Re-walk the chunk forward from its checkpoint, keeping the state at each tile start
                 # (slot j = tile kc0 + j; slot 0 is the checkpoint itself and is not copied).
                 for k in range(kc0, kc1 - 1):
@@ -396,8 +415,9 @@ def _scan_bwd_kernel(
                         g = cy + tl.flip(q_excl, 1)  # dL/dh_t
                         B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
                         h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
-                        h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
-                                        mask=mask_d & (j > 0), other=0.0)
+                        if not ONE_TILE_CHUNKS:
+                            h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
+                                            mask=mask_d & (j > 0), other=0.0)
                         b = dtu * B_n
                         h = _scan_from(a, b, h_in, offs_t)
                         if HAS_Z:
@@ -454,12 +474,20 @@ def _scan_bwd_kernel(
 
 
 def default_chunk_size(N: int) -> int:
-    """Time steps between two checkpoints for state size N.
+    """Time steps between two checkpoints for state size N: the fewest that keep them <= 8 bytes per step.
 
     The checkpoints are (batch, dim, L / chunk, N) fp32: 4 N / chunk bytes per element of u, at most
-    8 (the size of four bf16 inputs) with 64 steps up to N = 128 and 128 steps above.
+    8 (the size of four bf16 inputs) with chunk = the power of two >= N / 2, at least 8 (one bf16
+    tile).  Shorter chunks are cheaper: the backward re-walks (tiles_per_chunk - 1) / tiles_per_chunk
+    of the time steps to rebuild tile starts, so at N <= 16 (8-step chunks, one bf16 tile each) it
+    re-walks nothing; N = 128 keeps 64 steps (7/8 re-walked), N = 256 128 steps.
+
+    The price is memory saved for the backward: at N = 16, 8 bytes per step (1 with 64-step chunks).
+    PREDICTION (bench/triton_scan_prediction.py): 64-step chunks at N <= 16 would give 1.17x
+    mamba_ssm's fwd+bwd at N = 16 instead of 1.07x, 16-step ones 1.13x (4 bytes per step), and
+    N = 128 / N = 12 7.9x / 8.2x instead of 8.6x.
     """
-    return 64 if N <= 128 else 128
+    return max(8, triton.next_power_of_2(max(1, -(-N // 2))))
 
 
 def tile_config(u_dtype, bc_dtype, chunk_size: int, dim_per_group: int, block_d: int | None = None):
@@ -467,7 +495,8 @@ def tile_config(u_dtype, bc_dtype, chunk_size: int, dim_per_group: int, block_d:
 
     BLOCK_T is one 16-byte load of the widest of u's and B's dtypes (8 steps of bf16, 4 of fp32), so
     that Triton's coalescing gives every thread whole time runs: the scans along time then run inside
-    a thread, with no shuffles (reverse scans too).  BLOCK_D = 32 channels per warp, 4 warps.
+    a thread, with no shuffles (reverse scans too).  BLOCK_D: 32 channels per warp (one per thread),
+    one warp per program, unless ``block_d`` says otherwise (the backward passes 64).
     """
     widest = max(torch.empty((), dtype=u_dtype).element_size(), torch.empty((), dtype=bc_dtype).element_size())
     block_t = min(chunk_size, 16 // widest)
@@ -561,7 +590,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
         D, delta_bias: (dim,) fp32 or None.
         delta_softplus: apply softplus to delta + delta_bias.
         chunk_size: time steps between two checkpoints (a power of two); None: ``default_chunk_size(N)``.
-        block_d: channels per program (power of two); None: 128, or dim // G rounded up if fewer.
+        block_d: channels per program (power of two); None: 32, or dim // G rounded up if fewer.
         n_splits: time splits run in parallel (chunked scan with a carry pass); None: as many as
             needed to fill the GPU (1 when batch x channel blocks already do).
         poison: fill the outputs with NaN before launching (debug); None reads COMPRESSM_MAMBA_POISON.
@@ -624,6 +653,8 @@ def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, inpu
     """
     dim_per_group = dim // ngroups
     n_chunks = math.ceil(L / chunk_size)
+    if block_d is None:
+        block_d = min(_BWD_BLOCK_D, triton.next_power_of_2(max(dim_per_group, 1)))
     BLOCK_T, BLOCK_D, num_warps = tile_config(u_dtype, bc_dtype, chunk_size, dim_per_group, block_d)
     tiles_per_chunk = chunk_size // BLOCK_T
     blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
@@ -632,7 +663,10 @@ def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, inpu
     d_splits = max(1, min(d_splits, blocks_per_group))
     per_p = triton.cdiv(blocks_per_group, d_splits)
     d_splits = triton.cdiv(blocks_per_group, per_p)
+    # One-tile chunks start every tile at a checkpoint: no re-walk, no scratch.
     scratch_per_split = 4 * batch * ngroups * d_splits * BLOCK_D * tiles_per_chunk * N
+    if tiles_per_chunk == 1:
+        scratch_per_split = 0
     cap = max(1, (input_bytes // 2) // max(1, scratch_per_split))
     splits, chunks_per_split = _time_splits(batch * ngroups * d_splits, num_warps, n_chunks, device, n_splits, cap)
     return dict(BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps, tiles_per_chunk=tiles_per_chunk,
@@ -651,7 +685,9 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
         u, delta, A, B, C, D, z, delta_bias, delta_softplus: as given to ``selective_scan_fwd``.
         checkpoints: (batch, dim, ceil(L / chunk_size), N) fp32 contiguous from ``selective_scan_fwd``
             with the same chunk_size.
-        block_d, n_splits: as in ``selective_scan_fwd`` (need not match the forward's).
+        block_d: channels per program (power of two); None: 64 (two per thread), or dim // G rounded
+            up if fewer.
+        n_splits: as in ``selective_scan_fwd`` (need not match the forward's).
         d_splits: channel splits with their own dB/dC partial; None: the most whose partials fit in
             the size of the inputs.
         poison: as in ``selective_scan_fwd``.
@@ -705,7 +741,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
                 batch, dim, L, ngroups, dim // ngroups, plan["blocks_per_group"], plan["blocks_per_psplit"], P,
                 math.ceil(L / BLOCK_T), plan["tiles_per_chunk"], n_chunks, plan["chunks_per_split"],
                 dBC_part[1].storage_offset(),
-                LOCAL=local, **flags,
+                LOCAL=local, ONE_TILE_CHUNKS=plan["tiles_per_chunk"] == 1, **flags,
             )
 
         if splits > 1:
