@@ -2,6 +2,9 @@
 
     python bench/bench_selective_scan.py                 # CPU preset (small shapes), appends CSV rows
     python bench/bench_selective_scan.py --preset gpu    # real Mamba shapes (dim 1536-5120, L 2048)
+    python bench/bench_selective_scan.py --preset compass  # the question: (8, 3072, 2048) bf16
+
+Every backend is timed by default; one that is not available here is reported and left out.
 
 Section ``op``: ops.selective_scan per backend, forward and forward+backward, correctness-gated
 against the float64 reference on a slice of the same inputs.  Ratios printed are measured in this
@@ -29,6 +32,8 @@ PRESETS = {
     # (batch, dim, seqlen)
     "cpu": {"shapes": [(2, 128, 256), (4, 256, 256)], "states": [12, 16, 128], "dtype": "float32"},
     "gpu": {"shapes": [(4, 1536, 2048), (2, 5120, 2048)], "states": [12, 16, 128], "dtype": "bfloat16"},
+    # What does N=128 cost against N=12 (and N=16, mamba_ssm's size) at a real layer's shape?
+    "compass": {"shapes": [(8, 3072, 2048)], "states": [12, 16, 128], "dtype": "bfloat16"},
 }
 
 
@@ -140,7 +145,7 @@ def bench_mixer(device, reps, hidden=64, N=16, L=256, batch=8, layers=2):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on CUDA, else cpu")
-    parser.add_argument("--backends", default="reference,torch,triton")
+    parser.add_argument("--backends", default="reference,torch,triton,cuda")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)

@@ -46,6 +46,7 @@ def _config(**changes):
 
 
 def _dataset():
+    pytest.importorskip("datasets", reason="the Trainer runs build their data with datasets")
     from datasets import Dataset
     from helpers import random_ids
 
