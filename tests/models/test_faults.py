@@ -13,7 +13,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import compressm_mamba as cm  # noqa: E402
-from compressm_mamba import callback as callback_module  # noqa: E402
+from compressm_mamba.training import callback as callback_module  # noqa: E402
 from compressm_mamba.models.adapters import find_mixers  # noqa: E402
 
 MAX_STEPS = 8

@@ -109,7 +109,7 @@ def test_stable_schedule_is_not_repeated_after_resume(tmp_path):
 def test_stable_schedule_resumes_its_previous_kept_sets(tmp_path, monkeypatch):
     """A checkpoint between two stable attempts that did not cut: the next attempt compares with the
     kept sets saved in the checkpoint, exactly as the uninterrupted run did."""
-    from compressm_mamba import callback as callback_module
+    from compressm_mamba.training import callback as callback_module
 
     real = callback_module._jaccard
     monkeypatch.setattr(callback_module, "_jaccard", lambda a, b: min(0.99, real(a, b)))  # never settles
