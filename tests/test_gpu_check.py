@@ -61,3 +61,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert not [r for r in rows if r["status"].startswith("FAIL")]
     log = (out / "gpu_check.log").read_text()
     assert log.count("skipped: no CUDA device") >= len(GPU_STEPS)
+
+
+def test_gpu_anchor_dry_run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_anchor.sh")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped: no CUDA device" in (tmp_path / "anchor.log").read_text()
