@@ -38,7 +38,8 @@ running() { [ -f "$DIR/build.pid" ] && kill -0 "$(cat "$DIR/build.pid")" 2> /dev
 if ! built && ! running; then
   rm -rf "$DIR/src" && mkdir -p "$DIR/src" && tar -xzf "$SDIST" -C "$DIR/src" --strip-components=1
   say "building mamba_ssm's selective_scan_cuda for sm_90 in the background (MAX_JOBS=$MAX_JOBS)"
-  setsid "$PY" bench/bench_anchor.py build "$DIR/src" "$DIR/build" > "$DIR/build.log" 2>&1 < /dev/null &
+  # -w: setsid waits for the build, so that the recorded pid lives exactly as long as the build
+  setsid -w "$PY" bench/bench_anchor.py build "$DIR/src" "$DIR/build" > "$DIR/build.log" 2>&1 < /dev/null &
   echo $! > "$DIR/build.pid"
 fi
 start=$(date +%s)

@@ -143,8 +143,14 @@ record preflight "$(grep -q '^MISSING (required)' "$WORK/preflight.txt" && echo 
 BUILD_PID=""
 if [ "$HAVE_CUDA" = 1 ]; then
   run install 60 1 env COMPRESSM_MAMBA_SKIP_CUDA_BUILD=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
+  if ! "$PY" -P -c "import compressm_mamba.kernels" 2> /dev/null; then
+    # No editable install (e.g. a read-only site-packages): the package from the tree, as in a worktree.
+    [ -e compressm_mamba/kernels ] || ln -s ../kernels compressm_mamba/kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    echo "install: using PYTHONPATH=$PWD instead" >> "$LOG"
+  fi
   BUILD_START=$(date +%s)
-  setsid timeout -k 5 170 env COMPRESSM_MAMBA_FORCE_CUDA_BUILD=1 "$PY" setup.py build_ext --inplace \
+  timeout -k 5 170 env COMPRESSM_MAMBA_FORCE_CUDA_BUILD=1 "$PY" setup.py build_ext --inplace \
     > "$WORK/build.log" 2>&1 &
   BUILD_PID=$!
 else

@@ -17,7 +17,7 @@ SCRIPT = os.path.join(REPO, "bench", "gpu_check.sh")
 
 # Steps that need a CUDA device (test:<file> steps are checked separately).
 GPU_STEPS = ["install", "build", "memcheck", "bench:scan", "bench:gramians", "bench:train", "tests:rest"]
-CPU_STEPS = ["preflight", "collect", "realshape-tiny"]
+CPU_STEPS = ["collect", "realshape-tiny"]
 
 
 @pytest.mark.skipif(bool(os.environ.get("COMPRESSM_GPU_CHECK")), reason="running inside bench/gpu_check.sh itself")
@@ -33,6 +33,8 @@ def test_gpu_check_dry_run(tmp_path):
         steps = {row["step"]: row["status"] for row in csv.DictReader(f, delimiter="\t")}
     order = list(steps)
     assert order[0] == "preflight" and order[-1] == "total", order
+    # "ok, required missing" where e.g. triton is absent (CI's bare venv): the preflight names it and goes on
+    assert steps["preflight"].startswith("ok"), steps["preflight"]
     for name in CPU_STEPS:
         assert steps.get(name) == "ok", (name, steps.get(name), proc.stdout[-3000:])
     for name in GPU_STEPS:
