@@ -171,6 +171,8 @@ def main(argv=None):
     env = environment(device)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  git {env['git']}  "
           f"shape (batch, dim, L) = ({shape['batch']}, {shape['dim']}, {shape['seqlen']})", flush=True)
+    shape_cols = dict(batch=shape["batch"], dim=shape["dim"], seqlen=shape["seqlen"])
+    fields = [*env, *shape_cols, "op", "backend", "dtype", "N", "quantity", "max_rel_err", "tol", "status"]
     rows = []
     for N in shape["states"]:
         for dtype_name in args.dtypes.split(","):
@@ -179,15 +181,14 @@ def main(argv=None):
                 for r in new:
                     print(f"{r['op']:>22} {r['backend']:>6} {r['dtype']:>4} N={r['N']:<4} {r['quantity']:>12} "
                           f"err {r['max_rel_err'] or '-':>9} tol {r['tol'] or '-':>6}  {r['status']}", flush=True)
+                if args.csv:  # row by row: a run cut short by its timeout keeps what it checked
+                    new_file = not os.path.exists(args.csv)
+                    with open(args.csv, "a", newline="") as f:
+                        writer = csv.DictWriter(f, fieldnames=fields)
+                        if new_file:
+                            writer.writeheader()
+                        writer.writerows({**env, **shape_cols, **r} for r in new)
                 rows += new
-    shape_cols = dict(batch=shape["batch"], dim=shape["dim"], seqlen=shape["seqlen"])
-    if args.csv:
-        new_file = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*env, *shape_cols, *rows[0]])
-            if new_file:
-                writer.writeheader()
-            writer.writerows({**env, **shape_cols, **r} for r in rows)
     failed = [r for r in rows if r["status"].startswith("FAIL")]
     ran = [r for r in rows if r["status"] == "ok"]
     print(f"{len(ran)} checks passed, {len(failed)} failed, "

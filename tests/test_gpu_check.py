@@ -71,3 +71,29 @@ def test_gpu_anchor_dry_run(tmp_path):
                           env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipped: no CUDA device" in (tmp_path / "anchor.log").read_text()
+
+
+def test_realshape_check_fails_a_wrong_kernel(monkeypatch):
+    """The real-shape check can fail: a scan 1% off in its output, or with a wrong gradient, is caught."""
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import gpu_realshape_check as check
+
+    real = check.ops.selective_scan
+
+    def off_by_one_percent(*args, **kwargs):
+        return real(*args, **kwargs) * 1.01
+
+    def wrong_gradient(u, *args, **kwargs):
+        return real(u.detach() + 0 * u, *args, **kwargs)  # same output, du comes back zero
+
+    tiny, cpu = dict(check.TINY), torch.device("cpu")
+    rows = check.check_scan(tiny, 12, "fp32", cpu, ["torch"])
+    assert rows and all(r["status"] == "ok" for r in rows)
+    monkeypatch.setattr(check.ops, "selective_scan", off_by_one_percent)
+    rows = {r["quantity"]: r["status"] for r in check.check_scan(tiny, 12, "fp32", cpu, ["torch"])}
+    assert rows["out"] == "FAIL"
+    monkeypatch.setattr(check.ops, "selective_scan", wrong_gradient)
+    rows = {r["quantity"]: r["status"] for r in check.check_scan(tiny, 12, "fp32", cpu, ["torch"])}
+    assert rows["out"] == "ok" and rows["du"] == "FAIL"
