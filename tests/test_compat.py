@@ -76,3 +76,14 @@ def test_bound_kernel_flags():
     if not torch.cuda.is_available():
         assert set(bound.values()) == {"torch"}, bound
     assert compat.bound_kernel(len) == "unknown"
+
+
+def test_an_untested_transformers_gets_one_warning(monkeypatch):
+    monkeypatch.setattr(compat, "transformers_version", lambda: "5.30.0")
+    compat.warn_if_untested.cache_clear()
+    try:
+        low, high = compat.TRANSFORMERS_TESTED
+        with pytest.warns(UserWarning, match=re.escape(f"tested with transformers {low} .. {high}; this is 5.30.0")):
+            assert compat.warn_if_untested() is False
+    finally:
+        compat.warn_if_untested.cache_clear()
