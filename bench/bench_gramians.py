@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, copy_bandwidth_gbs, environment, gate, print_table, time_ms  # noqa: E402
+from common import copy_bandwidth_gbs, csv_sink, environment, gate, print_table, time_ms  # noqa: E402
 
 from compressm_mamba import ops  # noqa: E402
 from compressm_mamba.reference import gramian_statistics  # noqa: E402
@@ -82,6 +82,7 @@ def main(argv=None):
     peak = copy_bandwidth_gbs(device) if device.type == "cuda" else None
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  git {env['git']}")
 
+    sink = csv_sink("gramians.csv", env, enabled=not args.no_csv)
     rows = []
     for batch, channels, L in preset["shapes"]:
         for N in preset["states"]:
@@ -120,6 +121,7 @@ def main(argv=None):
                             scan_fwd_ms="" if scan is None else round(scan, 3),
                             vs_scan_fwd="" if scan is None else round(ms / scan, 2),
                         ))
+                        sink(rows[-1])
     print_table(rows, ["backend", "estimator", "layout", "batch", "channels", "seqlen", "N", "dtype", "ms",
                        "tokens_per_s", "gbs", "pct_peak", "max_rel_err", "vs_scan_fwd"])
     by_key = {(r["backend"], r["estimator"], r["layout"], r["batch"], r["channels"], r["seqlen"], r["N"]): r
@@ -131,8 +133,7 @@ def main(argv=None):
             print(f"{' '.join(map(str, key[1:]))}: torch backend {by_key[('reference',) + key[1:]]['ms'] / r['ms']:.1f}x "
                   "faster than the reference")
     if not args.no_csv:
-        path = append_rows("gramians.csv", [{**env, **r} for r in rows])
-        print(f"appended {len(rows)} rows to {path}")
+        print(f"appended {len(rows)} rows to bench/results/gramians.csv")
 
 
 if __name__ == "__main__":

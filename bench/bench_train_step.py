@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, environment, print_table, time_ms  # noqa: E402
+from common import csv_sink, environment, print_table, time_ms  # noqa: E402
 
 PRESETS = {
     "cpu": dict(hidden=32, layers=2, seq_len=256, batch=4, steps=3, decode_tokens=32),
@@ -128,6 +128,7 @@ def main(argv=None):
         raise SystemExit("--in-process needs CUDA (peak memory on a CPU is the process's: one process per configuration)")
     env = environment(device)
     print(f"device: {env['device']}  git {env['git']}  preset {args.preset}")
+    sink = csv_sink("train_step.csv", {**env, "preset": args.preset}, enabled=not args.no_csv)
     rows = []
     for backend in list(backends):
         if backend in ("cuda", "triton"):
@@ -155,6 +156,7 @@ def main(argv=None):
                     if out.returncode != 0:
                         raise SystemExit(f"{config} {backend}: failed\n{out.stderr[-2000:]}")
                     rows.append({"decode_tokens_per_s": "", **json.loads(out.stdout.strip().splitlines()[-1])})
+                sink(rows[-1])
                 print(rows[-1], flush=True)
     print_table(rows, ["config", "backend", "collector", "N", "step_ms", "tokens_per_s", "peak_mb",
                        "decode_tokens_per_s"])
@@ -168,8 +170,7 @@ def main(argv=None):
             line += f"; decode: {cut['decode_tokens_per_s'] / full['decode_tokens_per_s']:.1f}x"
         print(line)
     if not args.no_csv:
-        path = append_rows("train_step.csv", [{**env, "preset": args.preset, **r} for r in rows])
-        print(f"appended {len(rows)} rows to {path}")
+        print(f"appended {len(rows)} rows to bench/results/train_step.csv")
 
 
 if __name__ == "__main__":
