@@ -118,6 +118,17 @@ def append_rows(filename: str, rows: list) -> str:
     return path
 
 
+def csv_sink(filename: str, env: dict, enabled: bool = True):
+    """A function appending one row (after the ``env`` columns) to bench/results/<filename> as soon as
+    it is measured, so that a run cut short by a timeout keeps what it measured."""
+
+    def add(row: dict) -> None:
+        if enabled:
+            append_rows(filename, [{**env, **row}])
+
+    return add
+
+
 def print_table(rows: list, columns: list) -> None:
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))

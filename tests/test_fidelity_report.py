@@ -31,6 +31,7 @@ def test_paired_differences_are_signed_so_that_positive_means_better():
 
 
 def test_merge_writes_one_table_from_several_csvs(tmp_path):
+    pytest.importorskip("matplotlib", reason="the merged table comes with a plot")
     paths = []
     for name, rows in (("one", [row("lm", "b-tau", 0, 2.9, "20/30"), row("lm", "c-tau", 0, 3.0, "20/30")]),
                        ("two", [row("lm", "b-tau", 1, 2.8, "25/18"), row("lm", "c-tau", 1, 2.7, "25/18")])):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _optional
+from .. import _optional, compat
 
 __all__ = [
     "MixerAdapter",
@@ -187,10 +187,10 @@ class Mamba2Adapter(MixerAdapter):
     """
 
     kind = "mamba2"
-    # attribute names on the mixer: HF's here, mamba_ssm's in the subclass below
-    _state, _groups, _heads, _ssm_dim, _dt_limit = "ssm_state_size", "n_groups", "num_heads", "intermediate_size", \
-        "time_step_limit"
-    _extra_attrs = ("conv_dim",)  # kept equal to the conv channel count after a cut
+    # attribute names on the mixer: HF's here (from compat), mamba_ssm's in the subclass below
+    _state, _groups, _heads, _ssm_dim, _dt_limit = (compat.HF_MAMBA2_ATTRS[k] for k in
+                                                    ("state", "groups", "heads", "ssm_dim", "dt_limit"))
+    _extra_attrs = (compat.HF_MAMBA2_ATTRS["conv_dim"],)  # kept equal to the conv channel count after a cut
 
     @property
     def state_size(self) -> int:
@@ -295,7 +295,7 @@ class Mamba2Adapter(MixerAdapter):
         dtype = m.A_log.dtype
         plan = CutPlan(self.name, r)
         plan.buffers += [(m, "B_map", B_map.to(dtype).clone()), (m, "C_map", C_map.to(dtype).clone())]
-        plan.attrs += [(m, "__class__", mixer_class()), (m, "ssm_state_size", r)]
+        plan.attrs += [(m, "__class__", mixer_class()), (m, self._state, r)]
         return plan
 
 
@@ -319,11 +319,12 @@ class MambaSsmMamba2Adapter(Mamba2Adapter):
 def _adapter_factories():
     """(class, factory) pairs for the mixer types importable here."""
     pairs = []
-    hf = _optional.hf_mixer_classes()
+    hf = compat.hf_mixer_classes()
     if "MambaMixer" in hf:
         from .drop_in import mixer_class as drop_in_class
 
-        hf_mamba1 = lambda n, m: Mamba1Adapter(n, m, "ssm_state_size", "time_step_rank")  # noqa: E731
+        names = compat.HF_MAMBA1_ATTRS
+        hf_mamba1 = lambda n, m: Mamba1Adapter(n, m, names["state"], names["dt_rank"])  # noqa: E731
         pairs.append((hf["MambaMixer"], hf_mamba1))
         pairs.append((drop_in_class(), hf_mamba1))
     if "Mamba2Mixer" in hf:

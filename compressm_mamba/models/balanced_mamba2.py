@@ -44,7 +44,7 @@ def group_balancing_maps(P_g: torch.Tensor, Q_g: torch.Tensor, r: int, *, name: 
 def mixer_class():
     """The ``BalancedMamba2Mixer`` class; defined on first use because it subclasses transformers'
     ``Mamba2Mixer`` (importing this module never imports transformers)."""
-    from transformers.models.mamba2 import modeling_mamba2 as hf
+    hf = compat.hf_modeling_module("mamba2")  # its kernel-or-fallback functions, checked present
 
     class BalancedMamba2Mixer(hf.Mamba2Mixer):
         """HF ``Mamba2Mixer`` whose scan runs on r balanced directions of its N-dimensional B and C.

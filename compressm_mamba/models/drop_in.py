@@ -63,7 +63,7 @@ class _DropInScan:
         token by token, which continues the cached state exactly.
     """
 
-    _dt_rank = "time_step_rank"
+    _dt_rank = compat.HF_MAMBA1_ATTRS["dt_rank"]
 
     def _projections(self, hidden_states, attention_mask):
         """x (before the conv) and z: (batch, d_inner, L), from in_proj of the masked input."""
@@ -174,7 +174,7 @@ class _DropInScan:
 @functools.lru_cache(maxsize=None)
 def mixer_class():
     """``CompreSSMMambaMixer``; defined on first use because it subclasses transformers' MambaMixer."""
-    parent = _optional.hf_mixer_classes()["MambaMixer"]
+    parent = compat.hf_mixer_classes()["MambaMixer"]
 
     class CompreSSMMambaMixer(_DropInScan, parent):
         """transformers ``MambaMixer`` whose full-sequence forward runs ``ops.selective_scan``."""
@@ -237,9 +237,9 @@ def replace_mixers_(model: nn.Module, backend: str = "auto", decode_backend: str
                       "cached decoding steps run decode_backend='auto' (Triton on a GPU). Pass decode_backend "
                       "explicitly to choose.", stacklevel=2)
     swaps = {}
-    if "MambaMixer" in _optional.hf_mixer_classes():
+    if "MambaMixer" in compat.hf_mixer_classes():
         ours = mixer_class()
-        swaps.update({_optional.hf_mixer_classes()["MambaMixer"]: ours, ours: ours})
+        swaps.update({compat.hf_mixer_classes()["MambaMixer"]: ours, ours: ours})
     if mamba_ssm_mixer_class() is not None:
         ours = mamba_ssm_mixer_class()
         swaps.update({_optional.mamba_ssm_class("mamba_ssm.modules.mamba_simple", "Mamba"): ours, ours: ours})

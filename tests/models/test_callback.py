@@ -9,6 +9,7 @@ from helpers import random_ids, tiny_mamba, tiny_mamba2
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+pytest.importorskip("datasets", reason="the Trainer tests build their data with datasets")
 from datasets import Dataset  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 

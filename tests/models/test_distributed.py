@@ -46,6 +46,7 @@ def _config(**changes):
 
 
 def _dataset():
+    pytest.importorskip("datasets", reason="the Trainer runs build their data with datasets")
     from datasets import Dataset
     from helpers import random_ids
 
@@ -69,7 +70,7 @@ def train_once(out_dir: str, run: str, world: int, keep: str = "largest") -> dic
     from transformers import Trainer, TrainingArguments
 
     import compressm_mamba as cm
-    from compressm_mamba import distributed
+    from compressm_mamba.training import distributed
     from compressm_mamba.cut.collect import GramianCollector
     from compressm_mamba.models.adapters import find_mixers
 
@@ -89,7 +90,7 @@ def train_once(out_dir: str, run: str, world: int, keep: str = "largest") -> dic
 
     GramianCollector.all_reduce = recording_all_reduce
     saved = {}
-    from compressm_mamba import callback as callback_module
+    from compressm_mamba.training import callback as callback_module
 
     real_plans_for = callback_module.plans_for
     if run == "ddp_fault":
@@ -316,7 +317,7 @@ def test_random_keep_draws_the_same_states_whatever_the_local_gramians():
 
 
 def test_single_process_helpers_are_no_ops():
-    from compressm_mamba import distributed
+    from compressm_mamba.training import distributed
 
     assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.rank() == 0
     assert distributed.any_rank(True) and not distributed.any_rank(False)

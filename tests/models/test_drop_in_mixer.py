@@ -74,6 +74,8 @@ def test_collection_uses_the_forward_values_without_a_hook():
 
 def test_a_cut_mid_training_switches_the_kernel_state_size(tmp_path):
     """The training loop never restarts: after the callback's cut the next forward's scan runs with N=4."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    pytest.importorskip("datasets", reason="the Trainer run builds its data with datasets")
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 

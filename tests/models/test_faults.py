@@ -8,11 +8,12 @@ from helpers import random_ids, tiny_mamba
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+pytest.importorskip("datasets", reason="the Trainer tests build their data with datasets")
 from datasets import Dataset  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import compressm_mamba as cm  # noqa: E402
-from compressm_mamba import callback as callback_module  # noqa: E402
+from compressm_mamba.training import callback as callback_module  # noqa: E402
 from compressm_mamba.models.adapters import find_mixers  # noqa: E402
 
 MAX_STEPS = 8

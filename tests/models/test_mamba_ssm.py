@@ -8,6 +8,7 @@ import torch
 from helpers import assert_close
 
 import compressm_mamba as cm
+from compressm_mamba import _optional
 from compressm_mamba.models.adapters import find_mixers
 from compressm_mamba.cut.surgery import apply_cuts
 
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.requires_mamba_ssm
 
 @pytest.fixture
 def mamba_ssm(monkeypatch):
-    import mamba_ssm.modules.mamba_simple as simple
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    # Through _optional: on CPU mamba_ssm imports only under a temporary stand-in for its CUDA module.
+    simple = _optional.mamba_ssm_module("mamba_ssm.modules.mamba_simple")
+    selective_scan_ref = _optional.mamba_ssm_selective_scan_ref()
 
     if not torch.cuda.is_available():
         # Without CUDA, selective_scan_fn has no kernel behind it; its own reference stands in.
@@ -26,8 +28,8 @@ def mamba_ssm(monkeypatch):
 
 
 def lm_head_model(seed=0):
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    MambaConfig = _optional.mamba_ssm_class("mamba_ssm.models.config_mamba", "MambaConfig")
+    MambaLMHeadModel = _optional.mamba_ssm_class("mamba_ssm.models.mixer_seq_simple", "MambaLMHeadModel")
 
     torch.manual_seed(seed)
     config = MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm_cfg={"layer": "Mamba1", "d_state": 16},
@@ -73,7 +75,7 @@ def test_standalone_mamba_module_one_shot(mamba_ssm):
 
 
 def mamba2_module(seed=0, d_ssm=None):
-    from mamba_ssm.modules.mamba2 import Mamba2
+    Mamba2 = _optional.mamba_ssm_class("mamba_ssm.modules.mamba2", "Mamba2")
 
     torch.manual_seed(seed)
     return Mamba2(d_model=32, d_state=16, headdim=8, ngroups=2, d_ssm=d_ssm, use_mem_eff_path=False).eval()

@@ -11,6 +11,7 @@ from helpers import random_ids, tiny_mamba, tiny_mamba2
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+pytest.importorskip("datasets", reason="the Trainer tests build their data with datasets")
 from datasets import Dataset  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
@@ -108,7 +109,7 @@ def test_stable_schedule_is_not_repeated_after_resume(tmp_path):
 def test_stable_schedule_resumes_its_previous_kept_sets(tmp_path, monkeypatch):
     """A checkpoint between two stable attempts that did not cut: the next attempt compares with the
     kept sets saved in the checkpoint, exactly as the uninterrupted run did."""
-    from compressm_mamba import callback as callback_module
+    from compressm_mamba.training import callback as callback_module
 
     real = callback_module._jaccard
     monkeypatch.setattr(callback_module, "_jaccard", lambda a, b: min(0.99, real(a, b)))  # never settles
