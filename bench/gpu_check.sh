@@ -230,6 +230,7 @@ bench bench:gramians 25 gramians.csv "$PY" bench/bench_gramians.py --preset comp
   --relative-to-scan
 bench bench:train 45 train_step.csv "$PY" bench/bench_train_step.py --preset compass \
   --backends cuda,triton,torch,transformers --in-process --no-collector
+bench bench:decode 25 decode.csv "$PY" bench/bench_decode.py --preset gpu
 
 # ---- the rest of the suite, if time is left ---------------------------------------------------------
 run tests:rest 90 1 "${PYTEST[@]}" tests --ignore=tests/ops --ignore=tests/reference --ignore=tests/static

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.sh")
 
 # Steps that need a CUDA device (test:<file> steps are checked separately).
-GPU_STEPS = ["install", "build", "memcheck", "bench:scan", "bench:gramians", "bench:train", "tests:rest"]
+GPU_STEPS = ["install", "build", "memcheck", "bench:scan", "bench:gramians", "bench:train", "bench:decode", "tests:rest"]
 CPU_STEPS = ["collect", "realshape-tiny"]
 
 
