@@ -301,12 +301,13 @@ def _refuse_pickles(directory: str) -> None:
             )
 
 
-def check_output_dir(out: str, *, overwrite: bool = False, inputs=()) -> None:
+def check_output_dir(out: str, *, overwrite: bool = False, inputs=(), kind: str = "folder") -> None:
     """Refuse to write to ``out`` when that would lose the user's files.
 
-    An existing non-empty folder (or any existing file) is refused unless ``overwrite``; ``out``
-    is refused even then when it is, contains or lies inside one of ``inputs`` (the checkpoint being
-    read).  Raises FileExistsError saying what to do.
+    kind ``"folder"``: an existing non-empty folder is refused unless ``overwrite``, an existing file
+    always; kind ``"file"``: an existing file is refused unless ``overwrite``, a folder always.
+    ``out`` is refused even with ``overwrite`` when it is, contains or lies inside one of ``inputs``
+    (the checkpoint being read).  Raises FileExistsError saying what to do.
     """
     real = os.path.realpath(out)
     for given in inputs:
@@ -316,6 +317,12 @@ def check_output_dir(out: str, *, overwrite: bool = False, inputs=()) -> None:
         if real == source or real.startswith(source + os.sep) or source.startswith(real + os.sep):
             raise FileExistsError(f"--out {out!r} would replace the input {given!r}: choose another folder "
                                   "(the input is never overwritten, not even with --overwrite)")
+    if kind == "file":
+        if os.path.isdir(out):
+            raise FileExistsError(f"--out {out!r} is a folder; give a file name")
+        if os.path.lexists(out) and not overwrite:
+            raise FileExistsError(f"--out {out!r} exists: choose a new name, or pass --overwrite to replace it")
+        return
     if os.path.lexists(out) and not os.path.isdir(out):
         raise FileExistsError(f"--out {out!r} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
