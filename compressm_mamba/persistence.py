@@ -84,6 +84,16 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _normal_modes(root: str) -> None:
+    """Every folder and file under ``root`` (itself included) gets the mode ``mkdir`` / ``open`` would give."""
+    for dirpath, _, filenames in os.walk(root):
+        _normal_mode(dirpath, directory=True)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                _normal_mode(full, directory=False)
+
+
 def _fsync_tree(root: str) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
@@ -195,8 +205,8 @@ def atomic_directory(path: str):
     recover(path)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=parent)
     try:
-        _normal_mode(tmp, directory=True)
         yield tmp
+        _normal_modes(tmp)  # tempfile's 0700, and writers (safetensors) that create files 0600
         _fsync_tree(tmp)
         _replace_directory(tmp, path)
     except BaseException:
@@ -213,8 +223,8 @@ def _atomic_file(path: str):
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=parent)
     os.close(fd)
     try:
-        _normal_mode(tmp, directory=False)
         yield tmp
+        _normal_mode(tmp, directory=False)  # after writing: a writer may have re-created the file
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(parent, directory=True)

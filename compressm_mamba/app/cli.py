@@ -216,7 +216,7 @@ def cmd_analyze(args) -> int:
 
 def cmd_bench(args) -> int:
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    scripts = [os.path.join(here, "bench", f"bench_{name}.py") for name in args.which]
+    scripts = [name if name.endswith(".py") else os.path.join(here, "bench", f"bench_{name}.py") for name in args.which]
     missing = [s for s in scripts if not os.path.exists(s)]
     if missing:
         raise FileNotFoundError(f"benchmark scripts not found: {', '.join(missing)} (run from a source checkout)")
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("bench", help="run the benchmark scripts (bench/)", formatter_class=formatter)
-    p.add_argument("which", nargs="*", default=["selective_scan", "gramians"], help="bench/bench_<name>.py to run")
+    p.add_argument("which", nargs="*", default=["selective_scan", "gramians"], help="NAME runs bench/bench_NAME.py; a .py path runs that script")
     p.add_argument("--heartbeat", type=float, default=15.0, help="seconds between progress lines")
     p.add_argument("--script-args", nargs=argparse.REMAINDER, default=[],
                    help="arguments passed to every script (e.g. --script-args --reps 1 --no-csv)")

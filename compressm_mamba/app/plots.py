@@ -6,7 +6,8 @@ something in the panel is labelled.
 
 from __future__ import annotations
 
-__all__ = ["plot_training", "plot_hsv_spectra", "plot_spectra_table", "plot_cut_spectra"]
+__all__ = ["plot_training", "plot_hsv_spectra", "plot_spectra_table", "plot_cut_spectra", "cut_spectra_figure",
+           "spectra_table_figure", "training_figure"]
 
 
 def _pyplot():
@@ -30,8 +31,20 @@ def _integer_x(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_training(report: dict, path: str) -> str:
     """Loss vs step and vs wall time, the cuts marked.  ``report``: from ``train.finetune``."""
+    return _save(training_figure(report), path)
+
+
+def training_figure(report: dict):
+    """The matplotlib figure of ``plot_training``."""
     plt = _pyplot()
     history = report["history"]
     walls = {s["step"]: s["wall"] for s in report.get("step_times", [])}
@@ -55,10 +68,7 @@ def plot_training(report: dict, path: str) -> str:
             ax2.axvline(walls[step], color="red", ls="--", label=label)
     _legend(ax1, fontsize=8)
     fig.suptitle(f"{report.get('arch', '')} on {report.get('data', '')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _spectrum_axes(ax, name: str) -> None:
@@ -83,6 +93,11 @@ def plot_spectra_table(layers: list, path: str, title: str) -> str:
 
     layers: [(name, spectrum (sequence, any order), kept count or None)].
     """
+    return _save(spectra_table_figure(layers, title), path)
+
+
+def spectra_table_figure(layers: list, title: str):
+    """The matplotlib figure of ``plot_spectra_table``."""
     plt = _pyplot()
     fig, axes = _grid(plt, len(layers))
     for ax, (name, spectrum, kept) in zip(axes, layers):
@@ -93,10 +108,7 @@ def plot_spectra_table(layers: list, path: str, title: str) -> str:
         _spectrum_axes(ax, name)
         _legend(ax, fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_hsv_spectra(compression_report, path: str) -> str:
@@ -111,6 +123,11 @@ def plot_cut_spectra(reports: list, path: str) -> str:
     reports: the ``CompressionReport``s of a run, in order; the title gives the final sizes, so the
     picture and the final model agree.
     """
+    return _save(cut_spectra_figure(reports), path)
+
+
+def cut_spectra_figure(reports: list):
+    """The matplotlib figure of ``plot_cut_spectra``."""
     plt = _pyplot()
     names = [d.name for d in reports[-1].layers]
     fig, axes = _grid(plt, len(names))
@@ -133,7 +150,4 @@ def plot_cut_spectra(reports: list, path: str) -> str:
     final = "/".join(str(d.state_after) for d in reports[-1].layers)
     fig.suptitle(f"state importance at each cut (dashed: kept states to the left); final N per layer {final}",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
