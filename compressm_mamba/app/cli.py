@@ -178,6 +178,8 @@ def cmd_compress(args) -> int:
     calibration, _, tokenizer = _calibration(args, args.checkpoint, print)
     report = compress_(model, config, calibration)
     print(report)
+    for d in report.layers:
+        print(f"{d.name}: {d.reason}")
     # weights + config (per-layer sizes) + the input's tokenizer and generation config: a complete checkpoint
     from .data import has_tokenizer
 

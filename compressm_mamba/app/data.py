@@ -26,12 +26,14 @@ import torch
 
 __all__ = ["stdlib_bytes", "byte_lm_dataset", "digits_dataset", "load_dataset_spec", "TokenDataset", "pack",
            "byte_tokenizer", "load_tokenizer", "has_tokenizer", "read_texts", "DIGITS_VOCAB", "DIGITS_CLASS0",
-           "BUILTIN_DATA", "DATASETS_SUFFIXES"]
+           "BUILTIN_DATA", "PRETOKENIZED", "DATASETS_SUFFIXES"]
 
 BUILTIN_DATA = ("stdlib", "digits")
 DIGITS_SEP = 17
 DIGITS_CLASS0 = 18  # class k is token 18 + k
 DIGITS_VOCAB = 28
+# Built-in sets that are token ids already (no tokenizer): name -> vocabulary size a model needs.
+PRETOKENIZED = {"digits": DIGITS_VOCAB}
 # File suffix -> the `datasets` builder that reads it; any other file is read as plain UTF-8 text.
 DATASETS_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
                      ".arrow": "arrow"}

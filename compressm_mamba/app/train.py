@@ -150,7 +150,7 @@ def finetune(
     from ..models.drop_in import replace_mixers_
     from ..persistence import check_output_dir, save_pretrained_atomic, write_json_atomic
     from ..training.callback import CompreSSMCallback
-    from .data import DIGITS_VOCAB, load_dataset_spec
+    from .data import PRETOKENIZED, load_dataset_spec
 
     say = (lambda *a: None) if quiet else print
     if checkpoint is not None and not os.path.isdir(checkpoint):
@@ -165,7 +165,7 @@ def finetune(
     if checkpoint is not None:
         model = from_pretrained(checkpoint)
     else:
-        vocab = DIGITS_VOCAB if tokenizer is None else len(tokenizer)
+        vocab = PRETOKENIZED[data] if tokenizer is None else len(tokenizer)
         special = {} if tokenizer is None else {k: getattr(tokenizer, k, None)
                                                 for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
         model = build_model(preset, vocab, arch=arch, seed=seed, special_ids=special)
@@ -231,18 +231,19 @@ def finetune(
 
 def resolve_tokenizer(tokenizer, checkpoint: str | None, data: str):
     """The tokenizer a run uses: the one given (object, folder or ``"bytes"``), else the checkpoint's,
-    else the byte tokenizer for a preset; None for ``digits`` (already token ids).
+    else the byte tokenizer for a preset; None for the built-in sets that are token ids already
+    (``data.PRETOKENIZED``: ``digits``).
 
     A checkpoint without tokenizer files needs ``tokenizer=`` (ValueError saying so): guessing bytes
     for a model trained on another vocabulary trains it on the wrong ids.
     """
-    from .data import byte_tokenizer, has_tokenizer, load_tokenizer
+    from .data import PRETOKENIZED, byte_tokenizer, has_tokenizer, load_tokenizer
 
     if tokenizer is not None and not isinstance(tokenizer, str):
         return tokenizer
     if tokenizer is not None:
         return load_tokenizer(tokenizer)
-    if data == "digits":
+    if data in PRETOKENIZED:
         return None
     if checkpoint is None:
         return byte_tokenizer()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,8 @@ from ..reference.balancing import hankel_singular_values
 from ..reference.selection import choose_rank, select_states, state_importance
 from .state_sizes import record_state_sizes
 from .surgery import apply_cuts
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LayerDecision",
@@ -285,4 +288,7 @@ def compress_(model: nn.Module, config: CompressConfig, calibration, *, optimize
         raise ValueError("calibration is empty: compress_ needs at least one batch")
     decisions = decide_cuts(adapters, collector.gramians(), config)
     cut_model_(model, adapters, decisions, optimizer)
+    logger.info("compress_: %s Gramians over %d calibration batches", config.estimator, collector.batches)
+    for d in decisions:
+        logger.info("compress_:   %s: %s", d.name, d.reason)
     return CompressionReport(decisions, config)

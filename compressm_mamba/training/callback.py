@@ -301,8 +301,9 @@ class CompreSSMCallback(TrainerCallback):
     def _use_fast_scan(self, model) -> None:
         from ..models.drop_in import replace_mixers_
 
-        if not any(a.kind == "mamba1" for a in self._adapters):
-            return
+        mamba1 = [a for a in self._adapters if a.kind == "mamba1"]
+        if not mamba1 or all(hasattr(a.module, "scan_backend") for a in mamba1):
+            return  # nothing to swap, or already swapped (keep the backend the user chose)
         try:
             names = replace_mixers_(model)
         except TypeError:  # no transformers / mamba_ssm Mamba1 mixer (e.g. a custom one): keep it

@@ -77,12 +77,11 @@ def test_speed_up_leaves_out_collection_steps_and_spectra_show_every_cut(tmp_pat
     report = result.report
     collecting = [s["step"] for s in report["step_times"] if s["collecting"]]
     assert collecting == [1, 2, 3, 4]  # the windows before the attempts at steps 2 and 4
-    plain = [s for s in report["step_times"] if 2 <= s["step"] <= 1 and not s["collecting"]]
-    assert report["tokens_per_s_before_cut"] is None and not plain  # no plain step before the cut: no number
+    # before the first cut (step 2) there is no plain step (step 1 collects): no number rather than a wrong one
+    assert report["tokens_per_s_before_cut"] is None
     after = [s["seconds"] for s in report["step_times"] if s["step"] > 4]
     assert report["tokens_per_s_after_cut"] == pytest.approx(2 * 16 * len(after) / sum(after))
 
-    from compressm_mamba.training.callback import CompreSSMCallback  # noqa: F401  (reports rebuilt below)
     from compressm_mamba.cut.compress import CompressionReport, LayerDecision
 
     reports = []
