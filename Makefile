@@ -17,7 +17,7 @@ setup-compat:
 
 # The main job: a small Mamba (N=128) learns CPython's standard library byte by byte and is
 # compressed during training (mean_lti Gramians: the paper's surrogate, cheap at N=128 on a CPU).
-DEMO_ARGS ?= --data stdlib --preset demo --out outputs/demo --steps 400 --seq-len 512 --batch-size 4 --lr 1e-2 \
+DEMO_ARGS ?= --data stdlib --preset demo --out outputs/demo --overwrite --steps 400 --seq-len 512 --batch-size 4 --lr 1e-2 \
 	--mode tolerance --tau 0.05 --estimator mean_lti --attempts 4 --calibration-batches 4
 
 demo: setup

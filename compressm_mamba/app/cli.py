@@ -29,7 +29,7 @@ _HELP = {
     "tau": "tolerance mode: keep the fewest states holding (1 - tau) of each layer's Hankel energy",
     "rank": "rank mode: the state size N every layer is cut to (at most the layers' N)",
     "fraction": "fixed / pragmatic mode: fraction of N cut per attempt",
-    "estimator": "Gramian estimator: mean_lti (cheap) | frozen | ltv (METHOD.md §3)",
+    "estimator": "Gramian estimator: mean_lti (cheap) | frozen | ltv (docs/METHOD.md §3)",
     "importance": "per-state importance: balanced | diagonal",
     "keep": "which states: largest (the method) | smallest | random (ablations)",
     "reduction": "select (keep state indices) | balanced (Mamba2: balanced truncation)",
@@ -240,8 +240,17 @@ def cmd_bench(args) -> int:
     return status
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default that is a value; leaves out None and False (flags and "see the help" defaults)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _DefaultsFormatter
     parser = argparse.ArgumentParser(prog="compressm-mamba", description=__doc__.split("\n\n")[0],
                                      formatter_class=formatter)
     sub = parser.add_subparsers(dest="command", required=True)
