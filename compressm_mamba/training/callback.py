@@ -43,10 +43,10 @@ layer saying whether it was cut and why (``LayerDecision.reason``), on the ``com
 fewer calibration batches than ``calibration_batches`` logs a warning.  ``config.compressm`` (the
 per-layer state sizes) is written at the start of training and after every attempt, cut or not.
 
-Fast by default: ``fast_scan=True`` swaps transformers' Mamba1 mixers for the drop-in mixer
-(``models.drop_in.replace_mixers_``: same parameters, our scan kernels — transformers' own CPU path
-is a Python loop over time: a training step 13–66x slower in ``bench/bench_selective_scan.py``'s CPU rows) when
-training begins.
+Fast by default: ``fast_scan=True`` swaps transformers' Mamba1 mixers for the drop-in mixer when
+training begins (``models.drop_in.replace_mixers_``: same parameters, our scan kernels).
+transformers' own CPU path is a Python loop over time: a training step was 13–66x slower in
+``bench/bench_selective_scan.py``'s CPU rows.
 """
 
 from __future__ import annotations
