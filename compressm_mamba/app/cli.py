@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", required=True, help="a new folder for the compressed checkpoint")
         else:
             p.add_argument("--out", default="spectra.png", help="the PNG of the spectra")
-        p.add_argument("--overwrite", action="store_true", help=f"replace an existing --out (never the checkpoint)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the checkpoint)")
         _config_args(p)
         p.set_defaults(func=func)
 

@@ -17,7 +17,6 @@ was done (characters, tokens, sequences, vocabulary).
 
 from __future__ import annotations
 
-import json
 import os
 import sysconfig
 from pathlib import Path

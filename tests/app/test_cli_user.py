@@ -4,7 +4,6 @@ first, defaults and help in --help, progress on bench, docs that are in the repo
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -2,7 +2,6 @@
 the CLI, compressed, reloaded in plain transformers and generating (issue 13's "done when")."""
 
 import json
-import os
 
 import torch
 from user_helpers import tiny_checkpoint
