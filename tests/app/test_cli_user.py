@@ -110,7 +110,8 @@ def test_bench_reports_progress(tmp_path, capsys):
 def test_docs_live_in_the_repository():
     assert (ROOT / "docs" / "METHOD.md").is_file() and (ROOT / "docs" / "ENV.md").is_file()
     stale = []
-    for path in [ROOT / "README.md", *ROOT.glob("compressm_mamba/**/*.py"), *ROOT.glob("docs/*.md"),
+    for path in [ROOT / "README.md", ROOT / "pyproject.toml", ROOT / "Makefile", *ROOT.glob("compressm_mamba/**/*.py"),
+                 *ROOT.glob("docs/*.md"),
                  *ROOT.glob("bench/*.py"), *ROOT.glob("scripts/*"), *ROOT.glob("tests/**/*.py")]:
         text = path.read_text(encoding="utf-8", errors="replace")
         if ("shared/" + "METHOD.md") in text or ("shared/" + "ENV.md") in text:
