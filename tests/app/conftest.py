@@ -4,9 +4,6 @@ import os
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-
 LICENCE = "/usr/share/common-licenses/GPL-3"
 
 
@@ -27,6 +24,7 @@ def licence_text(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bpe_tokenizer(licence_text):
     """A byte-level BPE tokenizer with a vocabulary of 400 (> 256, as real ones are), trained in a second."""
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -7,11 +7,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from user_helpers import tiny_checkpoint
 
-from compressm_mamba.app import cli
-from compressm_mamba.app.cli import main
-from compressm_mamba.config import CompressConfig
+pytest.importorskip("transformers")  # the tokenizers come with it
+
+from user_helpers import tiny_checkpoint  # noqa: E402
+
+from compressm_mamba.app import cli  # noqa: E402
+from compressm_mamba.app.cli import main  # noqa: E402
+from compressm_mamba.config import CompressConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--seq-len", "16", "--batches", "1", "--batch-size", "2", "--estimator", "mean_lti"]

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from compressm_mamba.app.data import byte_tokenizer, load_dataset_spec, pack
+pytest.importorskip("transformers")  # the tokenizers come with it
+
+from compressm_mamba.app.data import byte_tokenizer, load_dataset_spec, pack  # noqa: E402
 
 
 def test_text_file_of_any_name_is_tokenized_with_the_given_tokenizer_and_packed(licence_text, bpe_tokenizer):

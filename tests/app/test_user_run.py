@@ -3,10 +3,14 @@ the CLI, compressed, reloaded in plain transformers and generating (issue 13's "
 
 import json
 
+import pytest
 import torch
-from user_helpers import tiny_checkpoint
 
-from compressm_mamba.app.cli import main
+pytest.importorskip("transformers")  # the tokenizers come with it
+
+from user_helpers import tiny_checkpoint  # noqa: E402
+
+from compressm_mamba.app.cli import main  # noqa: E402
 
 TRAIN = ["--steps", "8", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2", "--estimator", "mean_lti",
          "--attempts", "1", "--warmup-fraction", "0.5", "--calibration-batches", "2"]
