@@ -13,6 +13,7 @@ tokenizer or data with more token ids than the model's embedding is an error bef
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
@@ -220,6 +221,9 @@ def finetune(
     save_pretrained_atomic(model, os.path.join(out, "model"), tokenizer=tokenizer)
     write_json_atomic(report, os.path.join(out, "report.json"), indent=1)
     paths = []
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        say("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        plots = False
     if plots:
         from .plots import plot_cut_spectra, plot_training
 

@@ -15,6 +15,7 @@ from compressm_mamba.app.data import TokenDataset  # noqa: E402
 
 
 def train(model, config, steps=4, seq=16):
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate")
     from transformers import Trainer, TrainingArguments
 
     from compressm_mamba.training.callback import CompreSSMCallback
@@ -67,6 +68,8 @@ def test_the_callback_runs_the_fast_scan_without_being_asked():
 
 
 def test_speed_up_leaves_out_collection_steps_and_spectra_show_every_cut(tmp_path):
+    for name in ("accelerate", "matplotlib"):
+        pytest.importorskip(name, reason=f"finetune and its plots need {name}")
     from compressm_mamba.app.plots import cut_spectra_figure, training_figure
     from compressm_mamba.app.train import finetune
 

@@ -16,6 +16,7 @@ def python_blocks(text):
 
 def test_readme_snippets_run(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="the README's Trainer snippet needs accelerate")
     blocks = python_blocks(README.read_text(encoding="utf-8"))
     assert len(blocks) >= 3
     monkeypatch.chdir(tmp_path)  # the snippets write out/...

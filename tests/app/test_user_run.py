@@ -17,6 +17,7 @@ TRAIN = ["--steps", "8", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2",
 
 
 def test_checkpoint_with_tokenizer_finetune_compress_reload_generate(tmp_path, licence_text, bpe_tokenizer, capsys):
+    pytest.importorskip("accelerate", reason="the Trainer (finetune) needs accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt", bpe_tokenizer)
