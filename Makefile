@@ -7,7 +7,7 @@ COMPAT_VENV ?= .venv-compat
 # Tests and demos never download: no model hub, no dataset hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup setup-compat demo test test-main test-compat bench clean
+.PHONY: setup setup-compat demo test test-main test-compat test-quick bench clean
 
 setup:
 	@VENV=$(VENV) bash scripts/setup_venv.sh
@@ -17,7 +17,7 @@ setup-compat:
 
 # The main job: a small Mamba (N=128) learns CPython's standard library byte by byte and is
 # compressed during training (mean_lti Gramians: the paper's surrogate, cheap at N=128 on a CPU).
-DEMO_ARGS ?= --data stdlib --preset demo --out outputs/demo --steps 400 --seq-len 512 --batch-size 4 --lr 1e-2 \
+DEMO_ARGS ?= --data stdlib --preset demo --out outputs/demo --overwrite --steps 400 --seq-len 512 --batch-size 4 --lr 1e-2 \
 	--mode tolerance --tau 0.05 --estimator mean_lti --attempts 4 --calibration-batches 4
 
 demo: setup
@@ -39,6 +39,12 @@ test-main: setup
 test-compat: setup-compat
 	@start=$$(date +%s); $(OFFLINE) $(COMPAT_VENV)/bin/pytest -q --deselect tests/ops/test_cuda_compile.py; rc=$$?; \
 	  echo "test-compat: $$(( $$(date +%s) - start )) s"; exit $$rc
+
+# A subset for a laptop: the float64 spec, the CPU ops and the user-facing application; leaves out
+# the Triton-interpreter, CUDA, distributed and long training tests (and anything marked slow).
+QUICK_TESTS ?= tests/reference tests/app tests/test_import.py tests/ops/test_bad_input.py
+test-quick: setup
+	$(OFFLINE) $(VENV)/bin/pytest -q -m "not slow and not requires_triton and not requires_cuda" $(QUICK_TESTS)
 
 # CPU benchmarks (GPU: bench/gpu_check.sh); rows are appended to bench/results/*.csv.
 bench: setup

@@ -75,7 +75,7 @@ def usable(backend: str, device: torch.device, N: int, dtype_name: str) -> str |
     except (RuntimeError, ValueError) as err:
         return str(err).split(":")[0]
     if backend == "triton" and device.type != "cuda" and dtype_name == "bf16":
-        return "the Triton interpreter computes bf16 wrongly (shared/ENV.md)"
+        return "the Triton interpreter computes bf16 wrongly (docs/ENV.md)"
     return None
 
 

@@ -6,7 +6,7 @@ cut early in training and the rest of training runs on the smaller model.
 Importing this package needs only torch: no GPU, no Triton, no compiled extension, no mamba_ssm,
 and it never initialises CUDA.
 
-- ``compressm_mamba.reference`` — the float64-capable specification (shared/METHOD.md): selective
+- ``compressm_mamba.reference`` — the float64-capable specification (docs/METHOD.md): selective
   scans, Gramian estimators, Hankel singular values, state importance, rank choice and selection.
 - ``CompressConfig``, ``compress_(model, config, calibration)`` — one-shot compression of Hugging Face
   Mamba / Mamba2 (and mamba_ssm Mamba) models; ``CompreSSMCallback`` — the same during training.

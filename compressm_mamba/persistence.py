@@ -10,6 +10,13 @@ file system), is flushed and fsynced, and is then renamed over the target:
 - ``write_json_atomic(obj, path)``, ``save_tensors_atomic(tensors, path)`` — single files, via
   ``os.replace``.
 
+Files and directories get the modes a plain ``open`` / ``mkdir`` would give them (0666 / 0777 less the
+umask), not ``tempfile``'s private 0600 / 0700.  ``save_pretrained_atomic`` can carry a tokenizer and
+the input checkpoint's tokenizer and generation files into the new directory, so that every folder
+we write is a complete checkpoint.  ``check_output_dir`` is what the command line asks before it
+writes: an existing non-empty folder is refused unless the user said ``--overwrite``, and the input
+is never replaced.
+
 Weights are written as safetensors only (a pickled weights file in a checkpoint is refused), and
 nothing here loads with pickle: ``state_sizes.load_safetensors_dir`` reads checkpoints back.
 Leftovers of a killed save (``.<name>.tmp-<pid>-*``) are removed by the next save to the same path
@@ -36,15 +43,32 @@ __all__ = [
     "write_json_atomic",
     "atomic_directory",
     "recover",
+    "check_output_dir",
     "PICKLE_SUFFIXES",
+    "CARRIED_FILES",
 ]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# What a checkpoint holds besides weights and config.json: its tokenizer and generation settings.
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                 "chat_template.json", "generation_config.json")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
 # ---- low level -------------------------------------------------------------------------------------
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path: str, directory: bool) -> None:
+    """Give a tempfile-made path the mode ``open`` / ``mkdir`` would have given it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
 
 def _fsync_path(path: str, directory: bool = False) -> None:
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
@@ -58,6 +82,16 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _normal_modes(root: str) -> None:
+    """Every folder and file under ``root`` (itself included) gets the mode ``mkdir`` / ``open`` would give."""
+    for dirpath, _, filenames in os.walk(root):
+        _normal_mode(dirpath, directory=True)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                _normal_mode(full, directory=False)
 
 
 def _fsync_tree(root: str) -> None:
@@ -172,6 +206,7 @@ def atomic_directory(path: str):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=parent)
     try:
         yield tmp
+        _normal_modes(tmp)  # tempfile's 0700, and writers (safetensors) that create files 0600
         _fsync_tree(tmp)
         _replace_directory(tmp, path)
     except BaseException:
@@ -189,6 +224,7 @@ def _atomic_file(path: str):
     os.close(fd)
     try:
         yield tmp
+        _normal_mode(tmp, directory=False)  # after writing: a writer may have re-created the file
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(parent, directory=True)
@@ -275,13 +311,56 @@ def _refuse_pickles(directory: str) -> None:
             )
 
 
-def save_pretrained_atomic(model: torch.nn.Module, path: str, **kwargs) -> str:
+def check_output_dir(out: str, *, overwrite: bool = False, inputs=(), kind: str = "folder") -> None:
+    """Refuse to write to ``out`` when that would lose the user's files.
+
+    kind ``"folder"``: an existing non-empty folder is refused unless ``overwrite``, an existing file
+    always; kind ``"file"``: an existing file is refused unless ``overwrite``, a folder always.
+    ``out`` is refused even with ``overwrite`` when it is, contains or lies inside one of ``inputs``
+    (the checkpoint being read).  Raises FileExistsError saying what to do.
+    """
+    real = os.path.realpath(out)
+    for given in inputs:
+        if given is None:
+            continue
+        source = os.path.realpath(given)
+        if real == source or real.startswith(source + os.sep) or source.startswith(real + os.sep):
+            raise FileExistsError(f"--out {out!r} would replace the input {given!r}: choose another folder "
+                                  "(the input is never overwritten, not even with --overwrite)")
+    if kind == "file":
+        if os.path.isdir(out):
+            raise FileExistsError(f"--out {out!r} is a folder; give a file name")
+        if os.path.lexists(out) and not overwrite:
+            raise FileExistsError(f"--out {out!r} exists: choose a new name, or pass --overwrite to replace it")
+        return
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out!r} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"--out {out!r} exists and is not empty: choose a new folder, or pass --overwrite "
+                              "to replace what is there")
+
+
+def _carry(tmp: str, tokenizer, carry_from: str | None) -> None:
+    """Copy the input checkpoint's tokenizer / generation files (``CARRIED_FILES``) and save ``tokenizer``."""
+    if carry_from is not None:
+        for name in CARRIED_FILES:
+            source = os.path.join(carry_from, name)
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(tmp, name))  # copyfile: the new file gets normal modes
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def save_pretrained_atomic(model: torch.nn.Module, path: str, *, tokenizer=None, carry_from: str | None = None,
+                           **kwargs) -> str:
     """Save ``model`` to the directory ``path`` so that a crash at any point leaves the previous ``path``.
 
     Hugging Face models go through ``model.save_pretrained`` (``kwargs`` are passed on; transformers
-    writes safetensors); any other module through ``save_module_safetensors``.  The result is
-    refused if it holds a pickled weights file.  With ``is_main_process=False`` nothing is written
-    (the Trainer convention under data parallelism).  Returns ``path``.
+    writes safetensors); any other module through ``save_module_safetensors``.  ``carry_from``: a
+    checkpoint folder whose tokenizer and generation files (``CARRIED_FILES``) are copied in;
+    ``tokenizer``: saved into the folder too (after the copies).  The result is refused if it holds
+    a pickled weights file.  With ``is_main_process=False`` nothing is written (the Trainer convention
+    under data parallelism).  Returns ``path``.
     """
     if kwargs.get("safe_serialization") is False:
         raise ValueError("save_pretrained_atomic writes safetensors only: safe_serialization=False is refused")
@@ -296,5 +375,6 @@ def save_pretrained_atomic(model: torch.nn.Module, path: str, **kwargs) -> str:
                 raise TypeError(f"save_pretrained_atomic: {type(model).__name__} is not a transformers model; "
                                 f"unexpected keyword arguments {sorted(kwargs)}")
             save_module_safetensors(model, tmp)
+        _carry(tmp, tokenizer, carry_from)
         _refuse_pickles(tmp)
     return path

@@ -8,7 +8,7 @@
 #   transformers itself requires).  No datasets, scipy, scikit-learn, matplotlib, accelerate, triton,
 #   mamba_ssm: the tests that need them must skip with a reason, and the check at the end fails if
 #   any of them slipped in.
-# torch is the pinned CPU build of shared/ENV.md (an unpinned torch pulls ~3.5 GB of CUDA wheels).
+# torch is the pinned CPU build of docs/ENV.md (an unpinned torch pulls ~3.5 GB of CUDA wheels).
 set -euo pipefail
 
 VENV=${VENV:-.venv-compat}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with everything compressm_mamba needs, once.  Called by every Makefile target.
 #
-# CPU machines get the pinned CPU recipe of shared/ENV.md (torch 2.13.0+cpu: an unpinned torch
+# CPU machines get the pinned CPU recipe of docs/ENV.md (torch 2.13.0+cpu: an unpinned torch
 # pulls ~3.5 GB of CUDA wheels).  Where the system Python already has a CUDA build of torch
 # (a GPU machine), the venv sees the system packages and that torch is left alone.
 set -euo pipefail
@@ -25,7 +25,7 @@ elif [ -n "$cuda_torch" ]; then
   echo "setup: system torch $cuda_torch has CUDA; creating $VENV on top of it (torch left alone)"
   "$PY" -m venv --system-site-packages "$VENV"
 else
-  echo "setup: creating $VENV with CPU torch 2.13.0 (pinned recipe, shared/ENV.md)"
+  echo "setup: creating $VENV with CPU torch 2.13.0 (pinned recipe, docs/ENV.md)"
   "$PY" -m venv "$VENV"
 fi
 if [ -n "$cuda_torch" ]; then

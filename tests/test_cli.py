@@ -34,6 +34,11 @@ def test_finetune_analyze_compress_round_trip(tmp_path, capsys):
     assert report["tokens_per_s_after_cut"] and report["loss_after_cut"]
     assert (out / "loss.png").stat().st_size > 0 and (out / "hsv.png").stat().st_size > 0
     assert (out / "model" / "model.safetensors").exists()
+    # a complete checkpoint: the byte tokenizer the preset was trained with, and the generation config
+    from transformers import AutoTokenizer
+
+    assert (out / "model" / "generation_config.json").is_file()
+    assert AutoTokenizer.from_pretrained(str(out / "model"))("é", add_special_tokens=False)["input_ids"] == [195, 169]
 
     assert run(["analyze", str(out / "model"), "--out", str(tmp_path / "spectra.png"), "--seq-len", "32",
                 "--batches", "2", "--mode", "rank", "--rank", "3"]) == 0

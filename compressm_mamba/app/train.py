@@ -1,13 +1,19 @@
 """Training with in-training compression: model presets, the ``finetune`` job, its report and plots.
 
 ``finetune(...)`` builds (or loads) a Mamba / Mamba2 model, trains it with the Hugging Face Trainer
-and ``CompreSSMCallback``, and writes to ``out``: the checkpoint (safetensors), ``report.json`` (per-
-layer N before/after, loss and tokens/s before and after the cut, the cut reports) and PNG plots
-(loss vs step and vs wall time with the cut marked; HSV spectra per layer).
+and ``CompreSSMCallback``, and writes to ``out``: the checkpoint (``model/``: safetensors, config, the
+tokenizer and generation config — a folder plain transformers loads), ``report.json`` (per-layer N
+before/after, loss and tokens/s before and after the cut, the cut reports) and PNG plots (loss vs
+step and vs wall time with the cuts marked; importance spectra per layer at every cut).
+
+Tokenizer: a checkpoint's own (or ``tokenizer=``); models built from a preset use the byte tokenizer
+(``data.byte_tokenizer``) unless ``tokenizer=`` names another, and get its vocabulary size.  A
+tokenizer or data with more token ids than the model's embedding is an error before training.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,8 +31,13 @@ PRESETS = {
 }
 
 
-def build_model(preset: str, vocab_size: int, *, arch: str = "mamba", state_size: int | None = None, seed: int = 0):
-    """A freshly initialised ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` of a size preset."""
+def build_model(preset: str, vocab_size: int, *, arch: str = "mamba", state_size: int | None = None, seed: int = 0,
+                special_ids: dict | None = None):
+    """A freshly initialised ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` of a size preset.
+
+    special_ids: ``pad_token_id`` / ``bos_token_id`` / ``eos_token_id`` (default 0 each: the byte
+    tokenizer's NUL), e.g. from the tokenizer the model will be trained with.
+    """
     from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
     if preset not in PRESETS:
@@ -37,7 +48,9 @@ def build_model(preset: str, vocab_size: int, *, arch: str = "mamba", state_size
     if state_size is not None:
         size["state_size"] = state_size
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=0, eos_token_id=0, **size)
+    ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}
+    ids.update({k: v for k, v in (special_ids or {}).items() if v is not None})
+    common = dict(vocab_size=vocab_size, **ids, **size)
     if arch == "mamba":
         return MambaForCausalLM(MambaConfig(**common))
     head_dim = 16
@@ -60,24 +73,39 @@ def _transformers_callback_base():
 
 
 class TimingCallback(_transformers_callback_base()):
-    """Records, per optimizer step: the training loss (when logged), wall time and tokens/s."""
+    """Records, per optimizer step: wall time, seconds, and whether the step fed Gramian collection.
 
-    def __init__(self, tokens_per_step: int):
+    collecting: optional callable, True while the step running feeds the collector (e.g.
+    ``CompreSSMCallback.collecting``); such steps do extra work, and speed comparisons leave them out.
+    Put this callback after the ``CompreSSMCallback`` (it starts collection in its ``on_step_begin``).
+    """
+
+    def __init__(self, tokens_per_step: int, collecting=None):
         self.tokens_per_step = tokens_per_step
-        self.steps = []  # dicts: step, wall, seconds
+        self.collecting = collecting
+        self.steps = []  # dicts: step, wall, seconds, collecting
         self._t0 = self._last = None
+        self._collecting_now = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = self._last = time.perf_counter()
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._collecting_now = bool(self.collecting and self.collecting())
+
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
-        self.steps.append({"step": state.global_step, "wall": now - self._t0, "seconds": now - self._last})
+        self.steps.append({"step": state.global_step, "wall": now - self._t0, "seconds": now - self._last,
+                           "collecting": self._collecting_now})
         self._last = now
 
-    def tokens_per_s(self, first: int, last: int) -> float | None:
-        """Mean tokens/s over steps first..last (inclusive), or None when there are none."""
-        chosen = [s["seconds"] for s in self.steps if first <= s["step"] <= last]
+    def tokens_per_s(self, first: int, last: int, *, plain: bool = True) -> float | None:
+        """Mean tokens/s over steps first..last (inclusive), or None when there are none.
+
+        plain: leave out the steps that fed Gramian collection (they also estimate Gramians).
+        """
+        chosen = [s["seconds"] for s in self.steps
+                  if first <= s["step"] <= last and not (plain and s.get("collecting"))]
         return None if not chosen else self.tokens_per_step * len(chosen) / sum(chosen)
 
 
@@ -103,30 +131,47 @@ def finetune(
     backend: str = "auto",
     plots: bool = True,
     quiet: bool = False,
+    tokenizer=None,
+    text_column: str | None = None,
+    overwrite: bool = False,
 ) -> FinetuneResult:
     """Train ``preset`` (or fine-tune ``checkpoint``) on ``data`` with ``CompreSSMCallback(config)``.
 
     config=None trains without compression.  Mamba1 mixers are swapped for the drop-in mixer (our
-    scan kernels, ``backend``).  Returns the output folder, the report dict and the plot paths.
+    scan kernels, ``backend``).  tokenizer: a tokenizer, a folder holding one, or ``"bytes"``
+    (default: the checkpoint's own; bytes for a preset).  text_column: the column of a table or
+    dataset holding the text (``data.read_texts``).  ``out`` must be new or empty unless
+    ``overwrite``, and never the checkpoint read.  Returns the output folder, the report dict and
+    the plot paths.
     """
     from transformers import Trainer, TrainingArguments, logging as hf_logging
 
-    from ..training.callback import CompreSSMCallback
-    from .data import DIGITS_VOCAB, load_dataset_spec
-    from ..models.drop_in import replace_mixers_
-    from ..models.adapters import find_mixers
-    from ..persistence import save_pretrained_atomic, write_json_atomic
     from ..cut.state_sizes import from_pretrained
+    from ..models.adapters import find_mixers
+    from ..models.drop_in import replace_mixers_
+    from ..persistence import check_output_dir, save_pretrained_atomic, write_json_atomic
+    from ..training.callback import CompreSSMCallback
+    from .data import PRETOKENIZED, load_dataset_spec
 
+    say = (lambda *a: None) if quiet else print
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r}: not a directory")
+    check_output_dir(out, overwrite=overwrite, inputs=[checkpoint])
+    if checkpoint is None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     hf_logging.set_verbosity_error()
-    dataset = load_dataset_spec(data, seq_len, max_bytes=max_bytes)
-    vocab = DIGITS_VOCAB if data == "digits" else 256
+    tokenizer = resolve_tokenizer(tokenizer, checkpoint, data)
+    dataset = load_dataset_spec(data, seq_len, tokenizer=tokenizer, text_column=text_column, max_bytes=max_bytes)
+    say(dataset.summary)
     if checkpoint is not None:
-        if not os.path.isdir(checkpoint):
-            raise FileNotFoundError(f"checkpoint {checkpoint!r}: not a directory")
         model = from_pretrained(checkpoint)
     else:
-        model = build_model(preset, vocab, arch=arch, seed=seed)
+        vocab = PRETOKENIZED[data] if tokenizer is None else len(tokenizer)
+        special = {} if tokenizer is None else {k: getattr(tokenizer, k, None)
+                                                for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        model = build_model(preset, vocab, arch=arch, seed=seed, special_ids=special)
+    check_vocabulary(model, tokenizer, dataset)
+    say(f"model: {checkpoint or f'preset {preset} ({arch})'}, vocabulary {model.get_input_embeddings().num_embeddings}")
     adapters = find_mixers(model)
     sizes_before = {a.name: a.state_size for a in adapters}
     try:
@@ -135,12 +180,9 @@ def finetune(
         pass  # Mamba2: transformers' own SSD scan (see compressm_mamba.models.drop_in)
 
     tokens_per_step = batch_size * len(dataset[0]["input_ids"])
-    timing = TimingCallback(tokens_per_step)
-    callbacks = [timing]
-    compressor = None
-    if config is not None:
-        compressor = CompreSSMCallback(config)
-        callbacks.insert(0, compressor)
+    compressor = None if config is None else CompreSSMCallback(config)
+    timing = TimingCallback(tokens_per_step, collecting=None if compressor is None else lambda: compressor.collecting)
+    callbacks = [timing] if compressor is None else [compressor, timing]  # timing after: it reads collecting
     args = TrainingArguments(
         output_dir=os.path.join(out, "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, max_steps // 10),
@@ -157,12 +199,15 @@ def finetune(
     report = {
         "data": data, "preset": preset, "checkpoint": checkpoint, "arch": arch, "max_steps": max_steps,
         "seq_len": seq_len, "batch_size": batch_size, "config": None if config is None else config.to_dict(),
+        "data_summary": dataset.summary, "tokenizer": None if tokenizer is None else getattr(tokenizer, "name_or_path", ""),
+        "vocab_size": model.get_input_embeddings().num_embeddings,
         "state_sizes_before": sizes_before, "state_sizes_after": sizes_after, "cut_step": cut_step,
         "cut_steps": cut_steps,
         "loss_before_cut": _mean_loss(history, 1, cut_step) if cut_step else None,
         "loss_after_cut": _mean_loss(history, last_cut + 1, max_steps) if cut_step else None,
         "final_loss": _mean_loss(history, max(1, max_steps - max_steps // 10), max_steps),
-        # the first steps include one-off warm-up costs; the step of a cut includes the cut itself
+        # the first steps include one-off warm-up costs, the step of a cut the cut itself, and the steps
+        # feeding Gramian collection the estimation: none of them count (steps marked "collecting")
         "tokens_per_s_before_cut": timing.tokens_per_s(2, cut_step - 1) if cut_step else None,
         "tokens_per_s_after_cut": timing.tokens_per_s(last_cut + 1, max_steps) if cut_step else None,
         "tokens_per_s": timing.tokens_per_s(2, max_steps),
@@ -172,13 +217,52 @@ def finetune(
         "step_times": timing.steps,
     }
     os.makedirs(out, exist_ok=True)
-    save_pretrained_atomic(model, os.path.join(out, "model"))  # safetensors, renamed into place
+    # safetensors + config + tokenizer + generation config, renamed into place: a complete checkpoint
+    save_pretrained_atomic(model, os.path.join(out, "model"), tokenizer=tokenizer)
     write_json_atomic(report, os.path.join(out, "report.json"), indent=1)
     paths = []
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        say("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        plots = False
     if plots:
-        from .plots import plot_hsv_spectra, plot_training
+        from .plots import plot_cut_spectra, plot_training
 
         paths.append(plot_training(report, os.path.join(out, "loss.png")))
         if compressor and compressor.reports:
-            paths.append(plot_hsv_spectra(compressor.reports[0], os.path.join(out, "hsv.png")))
+            paths.append(plot_cut_spectra(compressor.reports, os.path.join(out, "hsv.png")))
     return FinetuneResult(out, report, paths)
+
+
+def resolve_tokenizer(tokenizer, checkpoint: str | None, data: str):
+    """The tokenizer a run uses: the one given (object, folder or ``"bytes"``), else the checkpoint's,
+    else the byte tokenizer for a preset; None for the built-in sets that are token ids already
+    (``data.PRETOKENIZED``: ``digits``).
+
+    A checkpoint without tokenizer files needs ``tokenizer=`` (ValueError saying so): guessing bytes
+    for a model trained on another vocabulary trains it on the wrong ids.
+    """
+    from .data import PRETOKENIZED, byte_tokenizer, has_tokenizer, load_tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        return tokenizer
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if data in PRETOKENIZED:
+        return None
+    if checkpoint is None:
+        return byte_tokenizer()
+    if has_tokenizer(checkpoint):
+        return load_tokenizer(checkpoint)
+    raise ValueError(f"checkpoint {checkpoint!r} has no tokenizer files: pass --tokenizer FOLDER (the tokenizer it "
+                     "was trained with), or --tokenizer bytes if it was trained on UTF-8 bytes")
+
+
+def check_vocabulary(model, tokenizer, dataset) -> None:
+    """ValueError, before any training, when the tokenizer or the data has ids the model cannot embed."""
+    rows = model.get_input_embeddings().num_embeddings
+    if tokenizer is not None and len(tokenizer) > rows:
+        raise ValueError(f"vocabulary mismatch: the tokenizer has {len(tokenizer):,} tokens but the model embeds "
+                         f"{rows:,} (config.vocab_size); use the tokenizer the model was trained with (--tokenizer)")
+    if dataset.vocab_needed > rows:
+        raise ValueError(f"vocabulary mismatch: the data holds token id {dataset.vocab_needed - 1:,} but the model "
+                         f"embeds {rows:,} ids (config.vocab_size)")

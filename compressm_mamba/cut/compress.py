@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,8 @@ from ..reference.balancing import hankel_singular_values
 from ..reference.selection import choose_rank, select_states, state_importance
 from .state_sizes import record_state_sizes
 from .surgery import apply_cuts
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LayerDecision",
@@ -36,6 +39,7 @@ class LayerDecision:
     importance: (ngroups, N) float64 per-state importance (balanced reduction: the group HSVs);
     hsv: (channels, N) float64 per-channel (per-head) HSVs.
     maps: balanced reduction only: (B_map, C_map), each (ngroups, r, N) float64.
+    reason: one sentence saying why the layer was (or was not) cut — what the logs print.
     """
 
     name: str
@@ -46,6 +50,7 @@ class LayerDecision:
     importance: torch.Tensor
     hsv: torch.Tensor
     maps: tuple | None = None
+    reason: str = ""
 
     @property
     def reduction(self) -> str:
@@ -161,6 +166,7 @@ def decide_cuts(adapters: list, gramians: dict, config: CompressConfig, targets:
             )
         except ValueError as err:
             raise ValueError(f"{adapter.name}: {err}") from None
+        reason = _reason(importance, r, N, config, targets.get(adapter.name) if targets else None)
         maps = None
         if r < N and balanced:
             kept = torch.arange(r).expand(G, r).clone()
@@ -169,8 +175,30 @@ def decide_cuts(adapters: list, gramians: dict, config: CompressConfig, targets:
             kept = torch.stack([select_states(importance[g], r, config.keep, generator) for g in range(G)])
         else:
             kept = torch.arange(N).expand(G, N).clone()
-        decisions.append(LayerDecision(adapter.name, adapter.kind, N, r, kept, importance, hsv, maps))
+        decisions.append(LayerDecision(adapter.name, adapter.kind, N, r, kept, importance, hsv, maps, reason))
     return decisions
+
+
+def _reason(importance: torch.Tensor, r: int, N: int, config: CompressConfig, target: int | None) -> str:
+    """Why a layer goes from N to r: the rule, what it asked for, and the gate when it stopped a cut.
+
+    importance: (ngroups, N); the rank the rule asks for before the gate is recomputed with gate=1.
+    """
+    c = config
+    if c.rank_mode == "tolerance":
+        asked = max(choose_rank(g, "tolerance", tau=c.tau, gate=1.0, min_state=c.min_state) for g in importance)
+        rule = f"tolerance tau={c.tau}: {asked} of {N} states hold {1 - c.tau:.2%} of the importance"
+    elif c.rank_mode == "fixed":
+        asked = max(choose_rank(g, "fixed", fraction=c.fraction, gate=1.0, min_state=c.min_state) for g in importance)
+        rule = f"{c.mode} cuts {c.fraction:.0%} of N: {asked} of {N}"
+    else:
+        asked = min(N, target if target is not None else c.rank)
+        rule = f"rank {c.rank}" + (f" (this attempt's step on the geometric path: {target})" if target else "") + f": {asked} of {N}"
+    if r < N:
+        return f"cut {N} -> {r}: {rule}"
+    if asked >= N:
+        return f"not cut (stays {N}): {rule}, nothing to remove"
+    return f"not cut (stays {N}): {rule}, which is not below the gate {c.gate} x {N} = {c.gate * N:g}"
 
 
 def plans_for(adapters: list, decisions: list) -> list:
@@ -260,4 +288,7 @@ def compress_(model: nn.Module, config: CompressConfig, calibration, *, optimize
         raise ValueError("calibration is empty: compress_ needs at least one batch")
     decisions = decide_cuts(adapters, collector.gramians(), config)
     cut_model_(model, adapters, decisions, optimizer)
+    logger.info("compress_: %s Gramians over %d calibration batches", config.estimator, collector.batches)
+    for d in decisions:
+        logger.info("compress_:   %s: %s", d.name, d.reason)
     return CompressionReport(decisions, config)

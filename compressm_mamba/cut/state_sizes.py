@@ -45,6 +45,9 @@ def record_state_sizes(model: nn.Module, adapters: list) -> dict:
     config.compressm = {"state_sizes": sizes}
     if balanced:
         config.compressm["balanced"] = balanced
+        from ..models.balanced_mamba2 import mark_config_
+
+        mark_config_(config)  # plain transformers must refuse it (it would ignore the balancing maps)
     largest = max(list(sizes.values()) + list(balanced.values()))
     if hasattr(config, "state_size"):  # transformers
         config.state_size = largest
@@ -216,12 +219,19 @@ def from_pretrained(path: str, *, model_class=None, torch_dtype=None):
     Uniform checkpoints go through transformers' own ``from_pretrained``; per-layer ones are built
     from the config, cut to the recorded sizes and loaded strictly (tied weights excepted).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    from ..models.balanced_mamba2 import BALANCED_MODEL_TYPE, unmark_config_dict
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     model_class = model_class or AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(path)
+    raw = PretrainedConfig.get_config_dict(path)[0]
+    if raw.get("model_type") == BALANCED_MODEL_TYPE:  # see balanced_mamba2: a config only we can read
+        plain = unmark_config_dict(raw)
+        config = AutoConfig.for_model(plain.pop("model_type"), **plain)
+    else:
+        config = AutoConfig.from_pretrained(path)
     sizes, balanced = recorded_state_sizes(config)
     if not balanced and (not sizes or len(set(sizes.values())) == 1):
         kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
@@ -238,6 +248,15 @@ def from_pretrained(path: str, *, model_class=None, torch_dtype=None):
     untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
     if untied:
         raise ValueError(f"{path}: checkpoint lacks {untied[:5]}")
+    _load_generation_config(model, path)
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     return model.eval()
+
+
+def _load_generation_config(model, path: str) -> None:
+    """The checkpoint's generation_config.json onto a model built from its config (as transformers does)."""
+    if os.path.isfile(os.path.join(path, "generation_config.json")) and hasattr(model, "generation_config"):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)

@@ -10,6 +10,13 @@ and keeping the r leading balanced directions is exact balanced truncation of th
 B and C come out of in_proj → depthwise conv1d → SiLU, a nonlinearity, so the maps cannot be folded
 into in_proj: ``BalancedMamba2Mixer`` applies them after the activation and runs the scan at N' = r,
 while in_proj and conv1d keep computing the N-dimensional B and C.
+
+Such a checkpoint must not load in plain transformers: a ``Mamba2ForCausalLM`` would build the
+layers at N, ignore ``B_map`` / ``C_map`` as "unexpected keys" and give wrong outputs without an
+error.  So its config.json says ``model_type: "compressm_balanced_mamba2"`` (``AutoConfig`` refuses it)
+and ``state_size`` is a sentence, not an int (``Mamba2Config`` refuses it); the real value is kept in
+``compressm.state_size``.  ``mark_config_`` does this to a live config (its ``to_dict``), and
+``unmark_config_dict`` undoes it for ``compressm_mamba.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,48 @@ import torch
 from .. import compat
 from ..reference.balancing import balanced_transform
 
-__all__ = ["group_gramians", "group_balancing_maps", "mixer_class"]
+__all__ = ["group_gramians", "group_balancing_maps", "mixer_class", "mark_config_", "unmark_config_dict",
+           "BALANCED_MODEL_TYPE"]
+
+BALANCED_MODEL_TYPE = "compressm_balanced_mamba2"
+STATE_SIZE_MARK = ("per layer with balanced maps: load this checkpoint with compressm_mamba.from_pretrained "
+                   "(plain transformers would ignore B_map/C_map and compute wrong outputs)")
+
+
+@functools.lru_cache(maxsize=None)
+def _marked_config_class(base):
+    """A subclass of the config class ``base`` whose saved form plain transformers cannot load."""
+
+    class BalancedMamba2Config(base):
+        model_type = BALANCED_MODEL_TYPE
+
+        def to_dict(self):
+            out = super().to_dict()
+            record = out.get("compressm")
+            if isinstance(record, dict) and record.get("balanced"):
+                # not "model_type": transformers takes a nested dict with its model_type for the config itself
+                out["compressm"] = dict(record, state_size=out["state_size"], base_model_type=base.model_type)
+                out["state_size"] = STATE_SIZE_MARK
+                out["model_type"] = BALANCED_MODEL_TYPE
+            return out
+
+    BalancedMamba2Config.__name__ = BalancedMamba2Config.__qualname__ = f"Balanced{base.__name__}"
+    return BalancedMamba2Config
+
+
+def mark_config_(config) -> None:
+    """Make ``config`` save as a checkpoint only ``compressm_mamba.from_pretrained`` loads (in place)."""
+    if getattr(type(config), "model_type", None) != BALANCED_MODEL_TYPE:
+        config.__class__ = _marked_config_class(type(config))
+
+
+def unmark_config_dict(config_dict: dict) -> dict:
+    """The plain Mamba2 config dict of a marked one (a copy; unmarked dicts are returned unchanged)."""
+    if config_dict.get("model_type") != BALANCED_MODEL_TYPE:
+        return config_dict
+    out = dict(config_dict, model_type=config_dict["compressm"].get("base_model_type", "mamba2"))
+    out["state_size"] = int(out["compressm"]["state_size"])
+    return out
 
 
 def group_gramians(P: torch.Tensor, Q: torch.Tensor, ngroups: int):

@@ -1,4 +1,4 @@
-"""The specification of compressm_mamba (shared/METHOD.md), in plain PyTorch.
+"""The specification of compressm_mamba (docs/METHOD.md), in plain PyTorch.
 
 Float64-capable, any device, loops allowed: kernels and model code are checked against it.
 

@@ -36,6 +36,17 @@ or before the checkpoint's step are not repeated; a stable schedule that already
 run that rolled back, stays stopped (read back from ``state.log_history``); a calibration window
 that straddles the checkpoint and the stable schedule's previous kept sets are restored from
 ``compressm_state.safetensors``, which ``on_save`` writes (atomically) into the checkpoint.
+
+Never silent: every attempt logs one line (step, Gramians over how many batches) and one line per
+layer saying whether it was cut and why (``LayerDecision.reason``), on the ``compressm_mamba`` logger
+(shown on stderr at INFO unless the application configured logging itself); an attempt that saw
+fewer calibration batches than ``calibration_batches`` logs a warning.  ``config.compressm`` (the
+per-layer state sizes) is written at the start of training and after every attempt, cut or not.
+
+Fast by default: ``fast_scan=True`` swaps transformers' Mamba1 mixers for the drop-in mixer when
+training begins (``models.drop_in.replace_mixers_``: same parameters, our scan kernels).
+transformers' own CPU path is a Python loop over time: a training step was 13–66x slower in
+``bench/bench_selective_scan.py``'s CPU rows.
 """
 
 from __future__ import annotations
@@ -59,6 +70,18 @@ from ..cut.surgery import apply_cuts
 __all__ = ["CompreSSMCallback", "attempt_steps", "STATE_FILE", "REPORTS_FILE"]
 
 logger = logging.getLogger(__name__)
+
+
+def _visible_logs() -> None:
+    """Show the package's INFO lines on stderr when the application has not configured logging."""
+    package = logging.getLogger("compressm_mamba")
+    if package.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[compressm_mamba] %(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False  # the handler above prints it; a root handler added later would print it twice
 
 STATE_FILE = "compressm_state.safetensors"  # written into each Trainer checkpoint by on_save
 REPORTS_FILE = "compressm_reports.json"
@@ -130,6 +153,9 @@ class CompreSSMCallback(TrainerCallback):
         eval_batches: cap for the default metric (default 16).
         on_error: ``"continue"`` (default): an attempt that raises is recorded in ``failures`` and
             ``state.log_history`` and training continues on the unchanged model; ``"raise"``: re-raise.
+        fast_scan: swap transformers' Mamba1 mixers for the drop-in mixer running our scan kernels
+            when training begins (default True; same parameters and state_dict keys).  Mamba2 keeps
+            transformers' SSD scan either way.
 
     After training, ``reports`` holds one ``CompressionReport`` per attempt that cut (``step`` set),
     ``jaccard`` and ``weyl`` the stable schedule's measurements between consecutive attempts (the
@@ -139,7 +165,7 @@ class CompreSSMCallback(TrainerCallback):
     """
 
     def __init__(self, config: CompressConfig, *, metric_fn=None, eval_data=None, eval_batches: int = 16,
-                 on_error: str = "continue"):
+                 on_error: str = "continue", fast_scan: bool = True):
         if not isinstance(config, CompressConfig):
             raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")
         if on_error not in ("continue", "raise"):
@@ -149,6 +175,7 @@ class CompreSSMCallback(TrainerCallback):
         self.metric_fn = metric_fn
         self.eval_data = eval_data
         self.eval_batches = eval_batches
+        self.fast_scan = fast_scan
         self.reports: list = []
         self.jaccard: list = []  # (step, smallest per-layer Jaccard vs the previous attempt)
         self.weyl: list = []  # (step, smallest per-layer Weyl margin vs the previous attempt)
@@ -178,7 +205,10 @@ class CompreSSMCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         distributed.check_supported_wrapping(model)
+        _visible_logs()
         self._adapters = find_mixers(model)  # TypeError for a model without supported mixers
+        if self.fast_scan:
+            self._use_fast_scan(model)
         self._collector = GramianCollector(self._adapters, self.config.estimator)
         self._window = None
         self.steps = attempt_steps(self.config, state.max_steps)
@@ -200,6 +230,16 @@ class CompreSSMCallback(TrainerCallback):
         self.steps = [s for s in self.steps if s > state.global_step]
         if state.global_step > 0:
             self._restore(args, state)
+        record_state_sizes(model, self._adapters)  # config.compressm exists whatever happens next
+        logger.info("CompreSSMCallback: %d reduction attempt%s at step%s %s of %d (%s, %s Gramians over %d batches each)",
+                    len(self.steps), "" if len(self.steps) == 1 else "s", "" if len(self.steps) == 1 else "s",
+                    ", ".join(map(str, self.steps)) or "-", state.max_steps, self.config.mode, self.config.estimator,
+                    self.config.calibration_batches)
+
+    @property
+    def collecting(self) -> bool:
+        """Whether the current step feeds the Gramian collector (its time is not a plain training step)."""
+        return self._collector is not None and self._collector.active
 
     def on_step_begin(self, args, state, control, **kwargs):
         upcoming = self._next_attempt(state.global_step)
@@ -259,6 +299,20 @@ class CompreSSMCallback(TrainerCallback):
 
     # ---- internals -----------------------------------------------------------------------------
 
+    def _use_fast_scan(self, model) -> None:
+        from ..models.drop_in import replace_mixers_
+
+        mamba1 = [a for a in self._adapters if a.kind == "mamba1"]
+        if not mamba1 or all(hasattr(a.module, "scan_backend") for a in mamba1):
+            return  # nothing to swap, or already swapped (keep the backend the user chose)
+        try:
+            names = replace_mixers_(model)
+        except TypeError:  # no transformers / mamba_ssm Mamba1 mixer (e.g. a custom one): keep it
+            return
+        self._adapters = find_mixers(model)
+        logger.info("CompreSSMCallback: %d Mamba1 mixer%s now run compressm_mamba's scan kernels (fast_scan=True; "
+                    "same parameters)", len(names), "" if len(names) == 1 else "s")
+
     def _next_attempt(self, global_step: int):
         if self.stopped:
             return None
@@ -313,6 +367,15 @@ class CompreSSMCallback(TrainerCallback):
 
     def _attempt(self, model, optimizer, state, control, eval_dataloader):
         decisions, error = None, None
+        number = len([s for s in self.steps if s <= state.global_step])
+        seen = self._collector.batches
+        logger.info("CompreSSMCallback: attempt at step %d (%d of %d): %s Gramians over %d batch%s", state.global_step,
+                    number, len(self.steps), self.config.estimator, seen, "" if seen == 1 else "es")
+        if seen < self.config.calibration_batches:
+            logger.warning("CompreSSMCallback: the attempt at step %d saw %d calibration batch%s, fewer than the %d asked "
+                           "(calibration_batches): the window reaches back only to the start of training or the previous "
+                           "attempt, so the ranking rests on less data (more steps or fewer attempts give full windows)",
+                           state.global_step, seen, "" if seen == 1 else "es", self.config.calibration_batches)
         try:
             self._collector.all_reduce()  # METHOD.md §7: sum the Gramian statistics over the ranks
             decisions = decide_cuts(self._adapters, self._collector.gramians(), self.config,
@@ -332,9 +395,17 @@ class CompreSSMCallback(TrainerCallback):
                 ready = score >= self.config.stable_jaccard
             self._previous = decisions
             if not distributed.broadcast_flag(ready or backstop):
+                logger.info("CompreSSMCallback: step %d: the kept states are still moving (smallest Jaccard %s < %s); "
+                            "not cutting yet", state.global_step,
+                            f"{self.jaccard[-1][1]:.2f}" if self.jaccard and self.jaccard[-1][0] == state.global_step
+                            else "-", self.config.stable_jaccard)
                 return
 
+        for d in decisions:
+            logger.info("CompreSSMCallback:   %s: %s", d.name, d.reason)
         if not any(d.cut for d in decisions):
+            record_state_sizes(model, self._adapters)
+            logger.info("CompreSSMCallback: step %d: no layer cut", state.global_step)
             return
         self._cut(model, optimizer, decisions, state, control, eval_dataloader)
         if self.config.schedule == "stable":
@@ -392,6 +463,9 @@ class CompreSSMCallback(TrainerCallback):
                 self._undo(applied)
                 raise
             if after - before > self.config.rollback_tolerance * abs(before):
+                logger.info("CompreSSMCallback: step %d: the metric went %.4g -> %.4g (more than rollback_tolerance "
+                            "%g worse): cut undone, reducing stops", state.global_step, before, after,
+                            self.config.rollback_tolerance)
                 self._undo(applied)
                 self.stopped = True
                 self.rolled_back.append(state.global_step)

@@ -113,3 +113,25 @@ def test_balanced_cut_leaves_parameters_and_optimizer_alone():
     model(ids, labels=ids).loss.backward()  # and it trains
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_balanced_checkpoint_fails_loudly_in_plain_transformers(tmp_path):
+    """Uniform N after a balanced cut: plain transformers would build the layers at N, drop B_map/C_map
+    as "unexpected keys" and compute wrong logits.  It must refuse the checkpoint instead; ours loads it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM
+
+    model, ids = tiny_mamba2(), random_ids()
+    cm.compress_(model, cm.CompressConfig(mode="rank", rank=6, reduction="balanced"), [ids])
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    for load in (AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained, Mamba2Config.from_pretrained,
+                 Mamba2ForCausalLM.from_pretrained):
+        with pytest.raises(Exception, match="compressm_balanced_mamba2|compressm_mamba.from_pretrained"):
+            load(str(tmp_path))
+    loaded = cm.from_pretrained(str(tmp_path))
+    assert torch.equal(logits(loaded, ids), expected)
+    assert loaded.config.compressm["state_sizes"] == {a.name: 6 for a in find_mixers(loaded)}
+    loaded.save_pretrained(tmp_path / "again")  # still marked after a reload
+    with pytest.raises(Exception, match="compressm_balanced_mamba2"):
+        AutoConfig.from_pretrained(str(tmp_path / "again"))
+    assert torch.equal(logits(cm.from_pretrained(str(tmp_path / "again")), ids), expected)

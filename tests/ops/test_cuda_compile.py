@@ -1,6 +1,6 @@
 """Compile-check csrc/ with nvcc against torch's headers, on machines that cannot build the extension.
 
-A CUDA extension cannot be built or linked against a CPU build of torch (shared/ENV.md, pitfall 5),
+A CUDA extension cannot be built or linked against a CPU build of torch (docs/ENV.md, pitfall 5),
 but nvcc can compile every .cu file to an object against torch's headers once the one generated
 header that CPU builds lack, ``c10/cuda/impl/cuda_cmake_macros.h``, exists (an empty stub is enough
 for compiling).  That catches every C++ error, every template-instantiation error and every ptxas
