@@ -1,6 +1,8 @@
 """A reduction attempt that raises inside a Trainer run: training goes on with the model and optimizer
 exactly as before the attempt, the failure is logged, and later attempts may still cut."""
 
+import copy
+
 import pytest
 import torch
 from helpers import random_ids, tiny_mamba
@@ -87,6 +89,8 @@ def test_a_failed_attempt_leaves_model_and_optimizer_and_training_goes_on(inject
             if state.global_step == 2:
                 seen["params"] = [(n, p, p.detach().clone()) for n, p in model.named_parameters()]
                 seen["optimizer"] = optimizer_snapshot(optimizer)
+                # config.compressm is always written (the uncut sizes before any cut): it must not move
+                seen["compressm"] = copy.deepcopy(getattr(model.config, "compressm", None))
 
     class After(TrainerCallback):  # runs after ours
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -101,7 +105,9 @@ def test_a_failed_attempt_leaves_model_and_optimizer_and_training_goes_on(inject
                     for k, v in st.items():
                         assert torch.equal(v, old_state[p][k]) if torch.is_tensor(v) else v == old_state[p][k]
                 assert [a.state_size for a in find_mixers(model)] == [8, 8]
-                assert model.config.state_size == 8 and getattr(model.config, "compressm", None) is None
+                assert model.config.state_size == 8
+                assert getattr(model.config, "compressm", None) == seen["compressm"]
+                assert set(seen["compressm"]["state_sizes"].values()) == {8}
                 seen["checked"] = True
 
     callback = cm.CompreSSMCallback(CONFIG)
