@@ -358,6 +358,41 @@ def compile_cases(arch: int, groups, shard: tuple[int, int] = (0, 1), keep_cubin
     return results, kernels, len(chosen)
 
 
+def run_level(arch: int, level: str, workers: int, work_dir, timeout_s: int = 3600) -> dict:
+    """Compile a level of ``triton_cases.LEVELS`` for ``arch`` in ``workers`` processes (shards), each
+    with a fresh Triton cache under ``work_dir``.  Returns {rows, kernels, chosen}: the resource rows
+    of every chosen binary, every kernel discovered, and how many binaries were chosen."""
+    import json
+    import sys
+    from pathlib import Path
+
+    work_dir = Path(work_dir)
+    bench_dir = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([bench_dir, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    procs = []
+    for k in range(workers):
+        out = work_dir / f"sm{arch}_{level}_{k}.jsonl"
+        cmd = [sys.executable, "-m", "static.triton_aot", "--arch", str(arch), "--level", level,
+               "--shard", f"{k}/{workers}", "--out", str(out)]
+        procs.append((out, subprocess.Popen(cmd, cwd=bench_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            text=True, env=dict(env, TRITON_CACHE_DIR=str(work_dir / f"cache{k}")))))
+    rows, kernels, chosen, failures = [], set(), 0, []
+    for out, proc in procs:
+        log, _ = proc.communicate(timeout=timeout_s)
+        if proc.returncode != 0:
+            failures.append(log[-6000:])
+            continue
+        with open(out) as f:
+            head = json.loads(f.readline())
+            kernels.update(head["discovered_kernels"])
+            chosen = head["chosen"]
+            rows += [json.loads(line) for line in f]
+    if failures:
+        raise RuntimeError(f"triton_aot sm_{arch} {level} failed:\n" + "\n".join(failures))
+    return dict(rows=rows, kernels=sorted(kernels), chosen=chosen)
+
+
 def main(argv=None):
     """``cd bench && python -m static.triton_aot --arch 90 --level ci --shard 0/2 --out rows.jsonl``."""
     import argparse

@@ -9,7 +9,9 @@ Axes (each where the op's launchers branch on it):
 - selective_scan: N in 1..256, dtype fp32 / fp16 / bf16, D / z / delta_bias present or not,
   delta_softplus, ngroups 1 (3-D B/C) or 2, forward without grad and forward + backward;
 - gramian_sums: N, dtype, estimator frozen / ltv, general A or constant rows (Mamba2 heads),
-  mask or not, delta_bias + softplus or not.
+  mask or not, delta_bias + softplus or not;
+- selective_state_update (decode step, when the op exists): N, dtype, D / z / dt_bias / softplus,
+  fp32 state or state in the input dtype.
 
 Because today's kernels take N as a constexpr, every N is its own binary, but binaries of one
 *padding class* (same constexprs apart from N itself, e.g. one power-of-two tile) differ only in
@@ -153,10 +155,62 @@ def gram_cases(Ns: Iterable[int] = ALL_N, dtypes: Iterable[str] = DTYPES, flag_s
             for flags in flag_sets for dtype in dtypes for N in Ns]
 
 
+# -- selective_state_update (the one-token decode step; present once that op family exists) -----
+MODEL_UPDATE_FLAGS = (("D", 1), ("z", 1), ("dt_bias", 1), ("softplus", 1), ("state", "float32"))
+
+
+def all_update_flag_sets() -> list[tuple]:
+    """Every D / z / dt_bias / softplus combination with an fp32 state, and the model configuration
+    with the state in the input dtype."""
+    sets = [tuple(zip(("D", "z", "dt_bias", "softplus"), bits)) + (("state", "float32"),)
+            for bits in itertools.product((1, 0), repeat=4)]
+    return sets + [MODEL_UPDATE_FLAGS[:-1] + (("state", "input"),)]
+
+
+def _update_call(N, dtype, flags, batch, dim, device):
+    def call():
+        import torch
+
+        from compressm_mamba import ops
+
+        f = dict(flags)
+        dt = _torch_dtype(dtype)
+        state_dtype = dt if f.get("state") == "input" else torch.float32
+
+        def t(*shape, dtype=dt):
+            return torch.empty(*shape, dtype=dtype, device=device)
+
+        with torch.no_grad():
+            ops.selective_state_update(
+                t(batch, dim, N, dtype=state_dtype), t(batch, dim), t(batch, dim), t(dim, N, dtype=torch.float32),
+                t(batch, N), t(batch, N), t(dim, dtype=torch.float32) if f.get("D") else None,
+                t(batch, dim) if f.get("z") else None, t(dim, dtype=torch.float32) if f.get("dt_bias") else None,
+                bool(f.get("softplus")), backend="triton")
+
+    return call
+
+
+def update_cases(Ns: Iterable[int] = ALL_N, dtypes: Iterable[str] = DTYPES, flag_sets=None,
+                 batch=SMALL["batch"], dim=SMALL["dim"], device="meta") -> list[Case]:
+    """Decode-step cases (``ops.selective_state_update``); empty when the op does not exist."""
+    if not _has_op("selective_state_update"):
+        return []
+    flag_sets = all_update_flag_sets() if flag_sets is None else flag_sets
+    return [Case("selective_state_update", N, dtype, tuple(flags), _update_call(N, dtype, flags, batch, dim, device))
+            for flags in flag_sets for dtype in dtypes for N in Ns]
+
+
+def _has_op(name: str) -> bool:
+    import compressm_mamba.ops as ops
+
+    return hasattr(ops, name)
+
+
 # The op every kernel module is reached through, and its case generator.
 KERNEL_MODULES = {
     "compressm_mamba.kernels.selective_scan": scan_cases,
     "compressm_mamba.kernels.gramians": gram_cases,
+    "compressm_mamba.kernels.selective_state_update": update_cases,
 }
 
 
@@ -246,12 +300,14 @@ def _ci(arch: int):
     class in bf16 and at the largest N of every class in fp32 and fp16; every other scan option
     combination (ngroups 2, the no-grad forward) at N = 16 in bf16; the Gramian configurations
     of the collection pass (ltv / frozen x general / constant-row A x mask or not) at the largest
-    N of every class in bf16, and delta_bias + softplus at N = 16.
+    N of every class in bf16, and delta_bias + softplus at N = 16; the decode step (when the op
+    exists) at the largest N of every class in every dtype, every option combination at N = 16.
     sm_80: the model configurations in bf16 at the largest N of every class.
     """
     if arch == 80:
         return [(scan_cases(dtypes=("bfloat16",), flag_sets=[MODEL_SCAN_FLAGS]), "max"),
-                (gram_cases(dtypes=("bfloat16",), flag_sets=[MODEL_GRAM_FLAGS]), "max")]
+                (gram_cases(dtypes=("bfloat16",), flag_sets=[MODEL_GRAM_FLAGS]), "max"),
+                (update_cases(dtypes=("bfloat16",), flag_sets=[MODEL_UPDATE_FLAGS]), "max")]
     other = [f for f in all_scan_flag_sets() if f != MODEL_SCAN_FLAGS]
     collection = [f for f in all_gram_flag_sets() if not dict(f)["bias_softplus"]]
     with_bias = [f for f in all_gram_flag_sets() if dict(f)["bias_softplus"]]
@@ -261,12 +317,14 @@ def _ci(arch: int):
         (scan_cases(Ns=(16,), dtypes=("bfloat16",), flag_sets=other), "all"),
         (gram_cases(dtypes=("bfloat16",), flag_sets=collection), "max"),
         (gram_cases(Ns=(16,), dtypes=("bfloat16",), flag_sets=with_bias), "all"),
+        (update_cases(flag_sets=[MODEL_UPDATE_FLAGS]), "max"),
+        (update_cases(Ns=(16,), dtypes=("bfloat16",)), "all"),
     ]
 
 
 def _full(arch: int):
     """The bench's matrix: every case of every op, both ends of every padding class."""
-    return [(scan_cases(), "ends"), (gram_cases(), "ends")]
+    return [(scan_cases(), "ends"), (gram_cases(), "ends"), (update_cases(), "ends")]
 
 
 LEVELS = {"ci": _ci, "full": _full}

@@ -14,11 +14,13 @@ import pytest
 # function name; a kernel not listed may not spill.  A budget above zero records what ptxas reports
 # today and that it was judged acceptable; raising one is a reviewed decision.
 TRITON_SPILL_BYTES = {
-    # sm_80 (fewer registers per thread at 4 warps): the N = 65..128 backward tile spills a few bytes.
-    "_selective_scan_bwd_kernel": 32,
-    # Two fp32 64 x 64 accumulators of the constant-row Gram kernel at N >= 64.
+    # sm_90, 128 registers: the N = 9..16 padding class spills 28 + 16 bytes (ptxas, Triton 3.7.1).
+    "_selective_scan_bwd_kernel": 48,
+    # Two fp32 accumulator tiles of the constant-row Gram kernel: 24 + 24 bytes at N = 65..128 (sm_90).
     "_gram_kernel": 64,
-    # The ltv recurrence spills a few bytes on sm_80 for the smallest tiles.
+    # The (BLOCK_N, BLOCK_N, BLOCK_T) frozen term at N = 8..16 with mask or bias: up to 48 + 24 bytes.
+    "_frozen_kernel": 80,
+    # sm_80 spills a few bytes in the smallest ltv tiles.
     "_ltv_kernel": 32,
 }
 TRITON_DEFAULT_SPILL_BYTES = 0
