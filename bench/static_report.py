@@ -95,7 +95,7 @@ def _pred_row(env, backend, section, N, shape, preds, note=""):
             "assumptions": perf_model.ASSUMPTIONS}
 
 
-def prediction_rows(env: dict, workers: int, with_mamba: bool) -> list[dict]:
+def prediction_rows(env: dict, workers: int, with_mamba: bool, work_dir: str | None = None) -> list[dict]:
     shape = predictions.REFERENCE
     b, d, L, dt = shape["batch"], shape["dim"], shape["L"], shape["dtype"]
     rows = []
@@ -113,9 +113,11 @@ def prediction_rows(env: dict, workers: int, with_mamba: bool) -> list[dict]:
             add("triton", N, predictions.triton_scan_work(N, b, d, L, dt))
         except ModelError as e:
             print(f"triton N={N}: no prediction: {e}")
-    with tempfile.TemporaryDirectory(prefix="static_pred_") as work:
+    with tempfile.TemporaryDirectory(prefix="static_pred_") as tmp:
+        work = work_dir or tmp
+        reuse = work_dir is not None
         try:
-            results = predictions.compile_our_cuda(work, dt, workers=workers)
+            results = predictions.compile_our_cuda(work, dt, workers=workers, reuse=reuse)
             functions = predictions._cuda_functions(results, work)
             ptxas_rows = cuda_ptxas.resource_rows(results)
             for N in SCAN_NS:
@@ -124,7 +126,7 @@ def prediction_rows(env: dict, workers: int, with_mamba: bool) -> list[dict]:
             print(f"cuda: no prediction: {e}")
         if with_mamba:
             try:
-                results = predictions.compile_mamba_ssm(CACHE, work, workers=workers)
+                results = predictions.compile_mamba_ssm(CACHE, work, workers=workers, reuse=reuse)
                 functions = predictions._cuda_functions(results, work)
                 ptxas_rows = cuda_ptxas.resource_rows(results)
                 add("mamba_ssm", 16, predictions.mamba_ssm_work(functions, ptxas_rows, CACHE, 16, b, d, L, dt),
@@ -197,6 +199,8 @@ def main(argv=None):
     parser.add_argument("--skip-predictions", action="store_true", help="resource tables only")
     parser.add_argument("--no-mamba-ssm", action="store_true", help="leave out the mamba_ssm anchor")
     parser.add_argument("--no-save", action="store_true", help="print, do not append rows")
+    parser.add_argument("--work-dir", help="keep the predictions' nvcc objects here and reuse them on the next run "
+                        "(sources must be unchanged)")
     args = parser.parse_args(argv)
     env = _env()
     with_mamba = not args.no_mamba_ssm
@@ -207,7 +211,9 @@ def main(argv=None):
             print("wrote", append_rows("static_resources_triton.csv", tri))
             print("wrote", append_rows("static_resources_cuda.csv", cu))
     if not args.skip_predictions:
-        rows = prediction_rows(env, args.workers, with_mamba)
+        if args.work_dir:
+            os.makedirs(args.work_dir, exist_ok=True)
+        rows = prediction_rows(env, args.workers, with_mamba, args.work_dir)
         join_measured(rows)
         print_predictions(rows)
         if not args.no_save:

@@ -157,19 +157,28 @@ def mamba_ssm_sources(cache: Path, out_dir: Path, arch: int = 90) -> list[Compil
     return jobs
 
 
-def run_jobs(jobs: list[CompileJob], workers: int = 2, timeout_s: int = 1800) -> list[CompileResult]:
-    """Run nvcc jobs, ``workers`` at a time, backward sources first (the longest)."""
+def run_jobs(jobs: list[CompileJob], workers: int = 2, timeout_s: int = 1800, reuse: bool = False) -> list[CompileResult]:
+    """Run nvcc jobs, ``workers`` at a time, backward sources first (the longest).
+
+    Each object's log is kept beside it (``<obj>.log``); ``reuse`` takes an object and its log from an
+    earlier run instead of compiling again (for iterating on a model; sources must be unchanged).
+    """
     nvcc = nvcc_path()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found: set CUDA_HOME or put nvcc on PATH")
 
     def run(job):
+        log_path = Path(job.obj + ".log")
+        if reuse and Path(job.obj).exists() and log_path.exists():
+            return CompileResult(job, 0, log_path.read_text(), 0.0)
         start = time.perf_counter()
         try:
             proc = subprocess.run([nvcc, *job.flags], capture_output=True, text=True, timeout=timeout_s)
             code, log = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             code, log = -1, f"timed out after {timeout_s} s: {e}"
+        if code == 0:
+            log_path.write_text(log)
         return CompileResult(job, code, log, time.perf_counter() - start)
 
     order = sorted(jobs, key=lambda j: ("bwd" not in j.source, j.source))

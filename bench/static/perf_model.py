@@ -173,9 +173,17 @@ def predict(work: KernelWork, gpu: GPU = H200) -> Prediction:
 # Each family: trip rules for its loop headers and a function giving launch geometry and constants.
 
 TRITON_SCAN_RULES = [
+    # kernels/selective_scan.py as of main 92f9d14: (BLOCK_D, NP) state tile, one time step per iteration.
     TripRule(r"for c(_rev)? in range\(0, n_chunks\)", "n_chunks"),
     TripRule(r"for t in range\(t_start, t_end\)", "min(chunk_size, L)"),
     TripRule(r"for i in range\(0, t_end - t_start\)", "min(chunk_size, L)"),
+    # The redesign on branch `triton` (64992a6): (BLOCK_D, BLOCK_T) tiles, a loop over states inside.
+    TripRule(r"for k in range\(k0, k1\)", "tiles_per_split"),
+    TripRule(r"for n in range\(N\)", "N"),
+    TripRule(r"for blk in range\(blk0, blk1\)", "blocks_per_psplit"),
+    TripRule(r"for c_rev in range\(c0, c1\)", "chunks_per_split"),
+    TripRule(r"for k in range\(kc0, kc1 - 1\)", "tiles_per_chunk - 1"),
+    TripRule(r"for k_rev in range\(kc0, kc1\)", "tiles_per_chunk"),
 ]
 TRITON_GRAM_RULES = [
     TripRule(r"for _ in range\(0, n_b\)", "batch_per_split"),
@@ -185,13 +193,12 @@ TRITON_GRAM_RULES = [
 OUR_CUDA_RULES = [
     TripRule(r"for \(int t0 = 0; t0 < L; t0 \+= kT\)", "ceil(L / kT)"),
     TripRule(r"for \(int chunk = p\.n_chunks - 1", "n_chunks"),
-    TripRule(r"for \(int s = 0; s < n_sub", "n_sub - 1 + 1 / n_sub"),  # pass 1 breaks in its last sub-tile
+    TripRule(r"for \(int s = 0; s < n_sub", "n_sub"),  # pass 1 (its last sub-tile only copies and breaks)
     TripRule(r"for \(int s = n_sub - 1; s >= 0", "n_sub"),
     TripRule(r"for \(int tt = 0; tt < kT; \+\+tt\)", "kT / 2"),  # `#pragma unroll 2`
-    TripRule(r"i < Traits::kChans \* kT; i \+= Traits::kThreads", "ceil(kChans * kT / kThreads)"),
-    TripRule(r"i < Traits::kNState \* kT; i \+= Traits::kThreads", "ceil(kNState * kT / kThreads)"),
-    TripRule(r"i < kNState \* kCP; i \+= Traits::kThreads", "ceil(kNState * (kT + 1) / kThreads)"),
-    TripRule(r"for \(; off < 32; off \*= 2\)|off > 0; off /= 2", "5"),
+    TripRule(r"i < (Traits::)?kChans \* kT; i \+= Traits::kThreads", "ceil(kChans * kT / kThreads)"),
+    TripRule(r"i < (Traits::)?kNState \* kT; i \+= Traits::kThreads", "ceil(kNState * kT / kThreads)"),
+    TripRule(r"i < (Traits::)?kNState \* kCP; i \+= Traits::kThreads", "ceil(kNState * (kT + 1) / kThreads)"),
 ]
 
 MAMBA_SSM_RULES = [

@@ -110,12 +110,12 @@ def _cuda_functions(results, work_dir):
     return out
 
 
-def compile_our_cuda(work_dir, dtype="bfloat16", arch=90, workers=2):
+def compile_our_cuda(work_dir, dtype="bfloat16", arch=90, workers=2, reuse=False):
     """Objects of csrc/selective_scan's forward and backward .cu of one dtype, all state sizes."""
     suffix = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
     jobs = [j for j in cuda_ptxas.project_sources(Path(work_dir), arch) if j.source.endswith(f"_{suffix}.cu")
             and "selective_scan" in j.source]
-    return cuda_ptxas.run_jobs(jobs, workers)
+    return cuda_ptxas.run_jobs(jobs, workers, reuse=reuse)
 
 
 def our_cuda_work(functions, ptxas_rows, N, batch, dim, L, dtype):
@@ -142,9 +142,9 @@ def our_cuda_work(functions, ptxas_rows, N, batch, dim, L, dtype):
     return works
 
 
-def compile_mamba_ssm(cache, work_dir, arch=90, workers=2):
+def compile_mamba_ssm(cache, work_dir, arch=90, workers=2, reuse=False):
     jobs = cuda_ptxas.mamba_ssm_sources(Path(cache), Path(work_dir), arch)
-    return cuda_ptxas.run_jobs(jobs, workers)
+    return cuda_ptxas.run_jobs(jobs, workers, reuse=reuse)
 
 
 def mamba_ssm_work(functions, ptxas_rows, cache, N, batch, dim, L, dtype):

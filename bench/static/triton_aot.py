@@ -286,9 +286,9 @@ def _param_name(jit_function, path) -> str:
 
 
 def _plain(value):
-    for attr in ("value",):
-        if hasattr(value, attr) and not isinstance(value, (int, float, bool, str)):
-            value = getattr(value, attr)
+    """A constexpr as a plain Python value (Triton wraps some in ``constexpr`` objects)."""
+    if hasattr(value, "value") and not isinstance(value, (int, float, bool, str)):
+        value = value.value
     return value if isinstance(value, (int, float, bool, str, type(None))) else str(value)
 
 
