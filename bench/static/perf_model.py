@@ -6,8 +6,12 @@ Every number this module returns is a PREDICTION, not a measurement.  The model,
    instruction times how often it runs: straight-line code once per warp, a loop's own body (without
    its inner loops) once per iteration of it and of every loop around it.  Trip counts come from
    the loop's header (the source line of its backward branch, read through the compiler's line
-   information) matched against the kernel family's ``TripRule``s below; a loop no rule matches
-   makes the model refuse (``ModelError``) rather than guess.  Warps launched come from the launch
+   information) matched against the kernel family's ``TripRule``s below; a loop of the kernel's
+   own source that no rule matches makes the model refuse (``ModelError``) rather than guess; a
+   loop inside a library header (CUDA's float-atomic compare-and-swap retry, cub) counts one trip;
+   of sibling loops with one header (versions the compiler made by unswitching a runtime flag)
+   only the largest counts.  Straight-line code counts every branch arm (an overestimate where
+   arms are exclusive).  Warps launched come from the launch
    (captured for Triton, from the family's launch geometry for CUDA).
 2. Issue rate.  An SM issues at most one warp-instruction per scheduler per clock (4 schedulers,
    132 SMs, 1.98 GHz boost on an H200).  The achieved fraction ``efficiency`` is a range, not a
@@ -105,10 +109,11 @@ class SourceLines:
                     self.files[path.name] = path
         self._cache = {}
 
-    def line(self, where) -> str:
+    def line(self, where) -> str | None:
+        """The stripped source line, or None for a file outside the roots (a library header)."""
         name, number = where
         if name not in self.files:
-            raise ModelError(f"no source for {name} (line info); add its folder to the SourceLines roots")
+            return None
         if name not in self._cache:
             self._cache[name] = self.files[name].read_text().splitlines()
         return self._cache[name][number - 1].strip()
@@ -129,16 +134,30 @@ def dynamic_instructions(fn: Function, rules, consts: dict, sources: SourceLines
     for lp in loops:
         enclosing = [o for o in loops if o is not lp and o.start <= lp.start and lp.end <= o.end]
         parent[id(lp)] = max(enclosing, key=lambda o: o.start) if enclosing else None
+    # Sibling loops with one header are versions of one source loop (the compiler unswitched it on a
+    # runtime flag, e.g. has_delta_bias): one version runs, so only the largest is counted.
+    versions = {}
+    for lp in loops:
+        versions.setdefault((id(parent[id(lp)]), lp.branch_line), []).append(lp)
+    unused = {id(lp) for group in versions.values() for lp in group
+              if lp is not max(group, key=lambda o: o.instructions)}
     multiplier, rows = {}, []
     for lp in loops:  # outer loops come first
         if lp.branch_line is None:
             raise ModelError(f"{fn.name}: a loop without line information (compile with -lineinfo)")
         header = sources.line(lp.branch_line)
-        rule = next((r for r in rules if re.search(r.pattern, header)), None)
-        if rule is None:
-            raise ModelError(f"{fn.name}: no trip rule for the loop at {lp.branch_line[0]}:{lp.branch_line[1]} "
-                             f"`{header}`; add one to bench/static/perf_model.py")
-        trips = _eval(rule.trips, consts)
+        if header is None:
+            # A loop of a library header (CUDA's float atomicAdd compare-and-swap retry, cub): the
+            # kernel's source does not say how often it runs; one trip = the uncontended case.
+            header, trips = f"(library loop, 1 trip assumed) {lp.branch_line[0]}", 1.0
+        else:
+            rule = next((r for r in rules if re.search(r.pattern, header)), None)
+            if rule is None:
+                raise ModelError(f"{fn.name}: no trip rule for the loop at {lp.branch_line[0]}:{lp.branch_line[1]} "
+                                 f"`{header}`; add one to bench/static/perf_model.py")
+            trips = _eval(rule.trips, consts)
+        if id(lp) in unused:
+            header, trips = f"(unused version) {header}", 0.0
         outer = parent[id(lp)]
         multiplier[id(lp)] = trips * (multiplier[id(outer)] if outer is not None else 1.0)
         children = [o for o in loops if parent[id(o)] is lp]

@@ -83,12 +83,13 @@ def cubins_of_object(obj: str | Path, out_dir: str | Path) -> list[Path]:
     """Extract the cubins embedded in an nvcc object file into ``out_dir`` (cuobjdump -xelf all)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    before = set(out_dir.glob("*.cubin"))
+    for old in out_dir.glob("*.cubin"):  # a previous extraction: cuobjdump would overwrite them anyway
+        old.unlink()
     proc = subprocess.run([cuobjdump(), "-xelf", "all", str(Path(obj).resolve())], cwd=out_dir, capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"cuobjdump -xelf failed on {obj}: {proc.stderr[-2000:]}")
-    return sorted(set(out_dir.glob("*.cubin")) - before)
+    return sorted(out_dir.glob("*.cubin"))
 
 
 def parse(text: str) -> list[Function]:

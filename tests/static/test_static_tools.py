@@ -128,3 +128,19 @@ def test_padding_classes_group_sizes_that_differ_only_in_n():
     assert sizes == [[3, 4], [5, 8], [9]]
     ends = triton_cases.class_ends(classes, cases)
     assert sorted(cases[la.case].N for la in ends) == [3, 4, 5, 8, 9]
+
+
+def test_versions_of_one_source_loop_count_once():
+    """Two sibling loops with the same header (an unswitched loop): only the larger one runs."""
+    text = "\n".join([
+        '\t.section\t.text.kern,"ax",@progbits', "kern:",
+        ".L_x_0:", '\t//## File "/src/k.py", line 7', "        /*0000*/                   FADD R1, R1, R2 ;",
+        "        /*0010*/              @P0 BRA `(.L_x_0) ;",
+        ".L_x_1:", "        /*0020*/                   FADD R1, R1, R2 ;", "        /*0030*/                   FMUL R1, R1, R2 ;",
+        "        /*0040*/              @P0 BRA `(.L_x_1) ;",
+        "        /*0050*/                   EXIT ;",
+    ])
+    (fn,) = sass.parse(text)
+    total, rows = perf_model.dynamic_instructions(fn, [perf_model.TripRule("range", "10")], {},
+                                                  _Lines({7: "for t in range(L):"}))
+    assert total == 1 + 3 * 10 and [r["iterations"] for r in rows] == [0, 10]
