@@ -142,10 +142,12 @@ def prediction_rows(env: dict, workers: int, with_mamba: bool, work_dir: str | N
     return rows
 
 
-def join_measured(rows: list[dict]) -> None:
-    """Fill measured_ms from GPU rows of bench/results/*.csv with the same shape, backend, N, dtype."""
+def join_measured(rows: list[dict], results_dir: Path = RESULTS) -> None:
+    """Fill measured_ms from GPU rows of ``results_dir``/*.csv (bench/gpu_check.sh's benchmarks:
+    columns backend, batch, dim, seqlen, N, dtype, device and fwd_ms / fwd_bwd_ms) with the same
+    shape, backend, N and dtype; the latest such row wins."""
     measured = {}
-    for path in glob.glob(str(RESULTS / "*.csv")):
+    for path in sorted(glob.glob(str(Path(results_dir) / "*.csv"))):
         if Path(path).name.startswith("static_"):
             continue
         with open(path) as f:
@@ -161,8 +163,7 @@ def join_measured(rows: list[dict]) -> None:
                     if r.get(column):
                         measured[(section, *key)] = (float(r[column]), device)
     for row in rows:
-        dtype = row["dtype"].replace("bfloat16", "bfloat16")
-        key = (row["section"], row["backend"], row["batch"], row["dim"], row["seqlen"], row["N"], dtype)
+        key = (row["section"], row["backend"], row["batch"], row["dim"], row["seqlen"], row["N"], row["dtype"])
         if key in measured:
             ms, device = measured[key]
             row.update(measured_ms=ms, measured_device=device, measured_over_pred=round(ms / row["pred_ms"], 2))

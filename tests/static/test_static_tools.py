@@ -144,3 +144,19 @@ def test_versions_of_one_source_loop_count_once():
     total, rows = perf_model.dynamic_instructions(fn, [perf_model.TripRule("range", "10")], {},
                                                   _Lines({7: "for t in range(L):"}))
     assert total == 1 + 3 * 10 and [r["iterations"] for r in rows] == [0, 10]
+
+
+def test_report_joins_gpu_measurements_by_shape_backend_n_dtype(tmp_path):
+    import static_report
+
+    (tmp_path / "selective_scan.csv").write_text(
+        "device,backend,batch,dim,seqlen,N,dtype,fwd_ms,fwd_bwd_ms\n"
+        "AMD EPYC (2 threads),triton,8,3072,2048,16,bfloat16,1.0,2.0\n"  # a CPU row: never joined
+        "NVIDIA H200,triton,8,3072,2048,16,bfloat16,3.0,12.0\n"
+        "NVIDIA H200,cuda,8,3072,2048,16,bfloat16,2.0,8.0\n")
+    row = dict(section="scan fwd+bwd", backend="triton", batch=8, dim=3072, seqlen=2048, N=16, dtype="bfloat16",
+               pred_ms=10.0, measured_ms="")
+    other = dict(row, N=128)
+    static_report.join_measured([row, other], tmp_path)
+    assert (row["measured_ms"], row["measured_device"], row["measured_over_pred"]) == (12.0, "NVIDIA H200", 1.2)
+    assert other["measured_ms"] == ""
