@@ -109,6 +109,14 @@ class SourceLines:
                     self.files[path.name] = path
         self._cache = {}
 
+    def text(self, name: str) -> list[str] | None:
+        """All lines of a source file by base name (None outside the roots)."""
+        if name not in self.files:
+            return None
+        if name not in self._cache:
+            self._cache[name] = self.files[name].read_text().splitlines()
+        return self._cache[name]
+
     def line(self, where) -> str | None:
         """The stripped source line, or None for a file outside the roots (a library header)."""
         name, number = where
@@ -121,6 +129,67 @@ class SourceLines:
 
 def _eval(expr: str, consts: dict) -> float:
     return float(eval(expr, {"__builtins__": {}, "ceil": math.ceil, "min": min, "max": max}, dict(consts)))
+
+
+_RANGE = re.compile(r"^for\s+\w+\s+in\s+(?:tl\.)?(?:range|static_range)\((.*)\)\s*:")
+_ASSIGN = re.compile(r"^\s*(\w+)\s*=\s*(.+?)\s*(#.*)?$")
+
+
+def _split_args(text: str) -> list[str]:
+    depth, start, out = 0, 0, []
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    return [a.strip() for a in out + [text[start:]] if a.strip()]
+
+
+def python_range_trips(sources: SourceLines, where, consts: dict) -> float | None:
+    """Trips of a Triton ``for x in range(start, stop[, step])`` loop of the first program.
+
+    The bounds are evaluated with the launch's integer arguments and constexprs (``consts``), the
+    kernel's scalar assignments above the loop replayed in order (``tl.program_id`` = 0,
+    ``tl.num_programs(a)`` = the grid, ``tl.minimum`` / ``tl.maximum`` / ``tl.cdiv``; assignments
+    that are not scalar arithmetic are skipped).  None when the header is not such a loop or a
+    bound cannot be evaluated: then a ``TripRule`` must say it.
+    """
+    lines = sources.text(where[0])
+    if lines is None:
+        return None
+    m = _RANGE.match(lines[where[1] - 1].strip())
+    if not m:
+        return None
+    start = where[1] - 1
+    while start > 0 and not lines[start].lstrip().startswith("def "):
+        start -= 1
+    grid = tuple(consts.get("_grid", ())) + (1, 1, 1)
+    names = {"__builtins__": {}, "min": min, "max": max,
+             "tl": type("tl", (), {"minimum": staticmethod(min), "maximum": staticmethod(max),
+                                   "cdiv": staticmethod(lambda a, b: -(-a // b)),
+                                   "program_id": staticmethod(lambda axis: 0),
+                                   "num_programs": staticmethod(lambda axis: grid[axis])})}
+    space = {k: v for k, v in consts.items() if not k.startswith("_")}
+    for text in lines[start + 1: where[1] - 1]:
+        a = _ASSIGN.match(text)
+        if a:
+            try:
+                value = eval(a.group(2).replace(".to(tl.int64)", ""), names, space)
+            except Exception:  # noqa: BLE001 - tensor expressions are not replayed
+                space.pop(a.group(1), None)
+                continue
+            if isinstance(value, (int, float)):
+                space[a.group(1)] = value
+    args = _split_args(m.group(1))
+    try:
+        vals = [eval(a, names, space) for a in args]
+    except Exception:  # noqa: BLE001
+        return None
+    lo, hi, step = (0, vals[0], 1) if len(vals) == 1 else (vals[0], vals[1], vals[2] if len(vals) > 2 else 1)
+    return float(max(0, -(-(hi - lo) // step)))
 
 
 def dynamic_instructions(fn: Function, rules, consts: dict, sources: SourceLines):
@@ -152,10 +221,10 @@ def dynamic_instructions(fn: Function, rules, consts: dict, sources: SourceLines
             header, trips = f"(library loop, 1 trip assumed) {lp.branch_line[0]}", 1.0
         else:
             rule = next((r for r in rules if re.search(r.pattern, header)), None)
-            if rule is None:
+            trips = _eval(rule.trips, consts) if rule else python_range_trips(sources, lp.branch_line, consts)
+            if trips is None:
                 raise ModelError(f"{fn.name}: no trip rule for the loop at {lp.branch_line[0]}:{lp.branch_line[1]} "
                                  f"`{header}`; add one to bench/static/perf_model.py")
-            trips = _eval(rule.trips, consts)
         if id(lp) in unused:
             header, trips = f"(unused version) {header}", 0.0
         outer = parent[id(lp)]

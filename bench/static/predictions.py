@@ -61,7 +61,7 @@ def _triton_works(backend_label, cases, rules, extra_consts, arch=90, active_fra
             if res.error:
                 raise perf_model.ModelError(f"{launch.kernel}: {res.error}")
             fn = sass.functions_of(res.cubin)[0]
-            consts = {**_launch_consts(launch), **extra_consts}
+            consts = {**_launch_consts(launch), **extra_consts, "_grid": tuple(launch.grid or ())}
             per_warp, rows = perf_model.dynamic_instructions(fn, rules, consts, sources)
             blocks = math.prod(launch.grid)
             if active_fraction is not None:

@@ -73,6 +73,9 @@ class _Lines(perf_model.SourceLines):
     def line(self, where):
         return self._text[where[1]]
 
+    def text(self, name):
+        return None
+
 
 def test_dynamic_instructions_multiply_nested_trips():
     (fn,) = sass.parse(_listing())
@@ -160,3 +163,22 @@ def test_report_joins_gpu_measurements_by_shape_backend_n_dtype(tmp_path):
     static_report.join_measured([row, other], tmp_path)
     assert (row["measured_ms"], row["measured_device"], row["measured_over_pred"]) == (12.0, "NVIDIA H200", 1.2)
     assert other["measured_ms"] == ""
+
+
+def test_triton_range_loops_are_counted_from_the_kernel_source(tmp_path):
+    """A loop no rule names: its bounds are replayed from the kernel's scalar assignments."""
+    (tmp_path / "k.py").write_text(
+        "def kern(x_ptr, n_chunks, chunks_per_split):\n"
+        "    pid_s = tl.program_id(2)\n"
+        "    offs = tl.arange(0, 16)\n"
+        "    c0 = pid_s * chunks_per_split\n"
+        "    c1 = tl.minimum(c0 + chunks_per_split, n_chunks)\n"
+        "    for c in range(c0, c1):\n"
+        "        pass\n"
+        "    for n in range(0, 2 * n_chunks, 4):\n")
+    lines = perf_model.SourceLines([tmp_path])
+    consts = {"n_chunks": 10, "chunks_per_split": 4}
+    assert perf_model.python_range_trips(lines, ("k.py", 6), consts) == 4
+    assert perf_model.python_range_trips(lines, ("k.py", 8), consts) == 5
+    assert perf_model.python_range_trips(lines, ("k.py", 6), {"n_chunks": 3, "chunks_per_split": 4}) == 3
+    assert perf_model.python_range_trips(lines, ("k.py", 2), consts) is None  # not a loop
