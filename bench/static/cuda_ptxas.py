@@ -153,7 +153,8 @@ def mamba_ssm_sources(cache: Path, out_dir: Path, arch: int = 90) -> list[Compil
         unit = out_dir / f"mamba_ssm_{direction}_instance.cu"
         unit.write_text(f'#include "{header}"\n{line}\n')
         obj = out_dir / f"mamba_ssm_{direction}.sm{arch}.o"
-        jobs.append(CompileJob("mamba_ssm", str(unit), str(obj), ["-c", str(unit), "-o", str(obj), *common]))
+        label = f"mamba_ssm-{MAMBA_SSM_VERSION}/csrc/selective_scan/{header} ({direction} instance)"
+        jobs.append(CompileJob("mamba_ssm", label, str(obj), ["-c", str(unit), "-o", str(obj), *common]))
     return jobs
 
 
