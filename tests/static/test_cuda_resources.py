@@ -23,8 +23,9 @@ SPILL_BYTES = {
 }
 DEFAULT_SPILL_BYTES = 0
 STACK_BYTES = {
-    # sub_h[kSubTiles][kStates] is indexed by a runtime sub-tile, so it lives in local memory by design.
-    "selective_scan_bwd_kernel": 256,
+    # sub_h[kSubTiles][kStates] is indexed by a runtime sub-tile, so it lives in local memory by design:
+    # kSubTiles x kStates x 4 bytes = 512 at N = 256 (kBwdT = 4: 16 sub-tiles x 8 states), main fda6e39.
+    "selective_scan_bwd_kernel": 512,
     "gramian_sums_kernel": 16,
 }
 DEFAULT_STACK_BYTES = 0
