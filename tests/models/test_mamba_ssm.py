@@ -9,7 +9,7 @@ from helpers import assert_close
 
 import compressm_mamba as cm
 from compressm_mamba import _optional
-from compressm_mamba.models.adapters import find_mixers
+from compressm_mamba.models.registry import find_mixers
 from compressm_mamba.cut.surgery import apply_cuts
 
 pytestmark = pytest.mark.requires_mamba_ssm
