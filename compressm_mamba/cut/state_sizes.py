@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..models.registry import find_mixers
+from ..compat import saved_key
 from .surgery import apply_cuts
 
 __all__ = [
@@ -246,10 +247,14 @@ def from_pretrained(path: str, *, model_class=None, torch_dtype=None):
         model_class: the transformers class to build (default: ``AutoModelForCausalLM``).
         torch_dtype: optional dtype to cast the model to.
 
-    Uniform checkpoints go through transformers' own ``from_pretrained``; per-layer ones are built
-    from the config, cut to the recorded sizes and loaded strictly (tied weights excepted).
+    Uniform plain checkpoints go through transformers' own ``from_pretrained``.  The others (per-layer
+    sizes, balanced maps, normalise-then-select) too, with ``ignore_mismatched_sizes``: transformers
+    loads every tensor the config describes (with its own checkpoint conversions, e.g. fused MoE
+    experts); then the SSM layers are cut to their recorded sizes and their tensors loaded, strictly,
+    from the checkpoint.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+    from transformers.utils import logging as hf_logging
 
     from ..models.balanced_mamba2 import BALANCED_MODEL_TYPE, unmark_config_dict
 
@@ -263,31 +268,23 @@ def from_pretrained(path: str, *, model_class=None, torch_dtype=None):
     else:
         config = AutoConfig.from_pretrained(path)
     sizes, balanced = recorded_state_sizes(config)
+    kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
     plain = not isinstance(getattr(config, "compressm", None), dict) or config.compressm.get("loader") != "compressm"
     if plain and not balanced and (not sizes or len(set(sizes.values())) == 1):
-        kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
         return model_class.from_pretrained(path, **kwargs)
 
-    model = model_class.from_config(config)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the SSM tensors it reports as mismatched are loaded below
+    try:
+        model = model_class.from_pretrained(path, config=config, ignore_mismatched_sizes=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     resize_to_(model, sizes, balanced)
     state = load_safetensors_dir(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"{path}: checkpoint holds tensors the model does not: {unexpected[:5]}")
-    loaded_ptrs = {p.data_ptr() for n, p in model.named_parameters() if n in state}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
-    if untied:
-        raise ValueError(f"{path}: checkpoint lacks {untied[:5]}")
-    _load_generation_config(model, path)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
+    for a in find_mixers(model):
+        wanted = {k: saved_key(model, f"{a.name}.{k}") for k in a.module.state_dict()}
+        missing = sorted(v for v in wanted.values() if v not in state)
+        if missing:
+            raise ValueError(f"{path}: layer {a.name}: the checkpoint lacks {missing[:5]}")
+        a.module.load_state_dict({k: state[v] for k, v in wanted.items()}, strict=True)
     return model.eval()
-
-
-def _load_generation_config(model, path: str) -> None:
-    """The checkpoint's generation_config.json onto a model built from its config (as transformers does)."""
-    if os.path.isfile(os.path.join(path, "generation_config.json")) and hasattr(model, "generation_config"):
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(path)

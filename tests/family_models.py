@@ -1,0 +1,102 @@
+"""Tiny models of every transformers family with Mamba layers, built from config (no download).
+
+Each has at least two SSM layers (so per-layer state sizes can differ) and, for the hybrids, the
+family's attention (and MoE / MLP) layers; N = 8 states.  ``tiny(family, groups=...)`` sets the
+B/C group count of Mamba2-style families; Zamba's heads are its groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+STATE = 8
+
+FAMILIES = ("mamba", "falcon_mamba", "mamba2", "jamba", "zamba", "zamba2", "bamba", "granitemoehybrid",
+            "nemotron_h", "falcon_h1")
+MAMBA2_STYLE = ("mamba2", "zamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1")
+# families whose uniform cut is a plain checkpoint that transformers' own from_pretrained loads
+PLAIN_LOADABLE = ("mamba", "mamba2", "zamba", "zamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1")
+
+
+def config_kwargs(family: str, groups: int = 2) -> dict:
+    """transformers config arguments of the tiny ``family`` model."""
+    N = STATE
+    return {
+        "mamba": dict(hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=N),
+        "falcon_mamba": dict(hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=N),
+        "mamba2": dict(hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=N, num_heads=8, head_dim=8,
+                       n_groups=groups, chunk_size=8),
+        "jamba": dict(COMMON, num_hidden_layers=3, mamba_d_state=N, attn_layer_period=3, attn_layer_offset=1,
+                      expert_layer_period=2, expert_layer_offset=1, num_experts=2, num_experts_per_tok=1),
+        "zamba": dict(COMMON, num_hidden_layers=3, mamba_d_state=N, n_mamba_heads=groups,
+                      layers_block_type=["mamba", "hybrid", "hybrid"]),
+        "zamba2": dict(COMMON, num_hidden_layers=2, mamba_d_state=N, n_mamba_heads=4, mamba_ngroups=groups,
+                       chunk_size=8, layers_block_type=["mamba", "hybrid"]),
+        "bamba": dict(COMMON, num_hidden_layers=3, mamba_d_state=N, mamba_n_heads=4, mamba_d_head=16,
+                      mamba_n_groups=groups, attn_layer_indices=[1], mamba_chunk_size=8),
+        "granitemoehybrid": dict(COMMON, num_hidden_layers=3, mamba_d_state=N, mamba_n_heads=4, mamba_d_head=16,
+                                 mamba_n_groups=groups, layer_types=["mamba", "attention", "mamba"],
+                                 num_local_experts=2, num_experts_per_tok=1, mamba_chunk_size=8),
+        "nemotron_h": dict(COMMON, num_hidden_layers=3, ssm_state_size=N, mamba_num_heads=4, mamba_head_dim=16,
+                           n_groups=groups, hybrid_override_pattern="M*M", chunk_size=8),
+        "falcon_h1": dict(COMMON, num_hidden_layers=2, mamba_d_state=N, mamba_n_heads=4, mamba_d_head=16,
+                          mamba_n_groups=groups, mamba_chunk_size=8, mamba_d_ssm=64),
+    }[family]
+
+
+def tiny(family: str, groups: int = 2, seed: int = 0):
+    """The tiny ``family`` causal LM, float32, eval mode, with A spread so that states differ."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **config_kwargs(family, groups))
+    model = AutoModelForCausalLM.from_config(config).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log") or name.endswith("dt_bias"):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def zero_dropped_(adapter, keep: torch.Tensor) -> None:
+    """Make ``adapter``'s layer feed zeros to the scan for the states not in ``keep`` ((G, r) per
+    group) while every shape stays: the reference a selection cut must equal (METHOD.md §5)."""
+    from compressm_mamba.models.layouts import Mamba2Layout, NormalisedBCLayout
+    from compressm_mamba.models.zamba import ZambaAdapter
+
+    m, N, G = adapter.module, adapter.state_size, adapter.ngroups
+    dropped = torch.ones(G, N, dtype=torch.bool)
+    dropped[torch.arange(G)[:, None], keep] = False
+    with torch.no_grad():
+        if isinstance(adapter, NormalisedBCLayout):  # zero the norm's output: it still sees all N
+            mask = (~dropped[0]).to(torch.float32)
+            for norm in (m.b_layernorm, m.c_layernorm):
+                norm.register_forward_hook(lambda mod, args, out: out * mask.to(out.dtype))
+        elif isinstance(adapter, ZambaAdapter):
+            R = m.time_step_rank
+            for h in range(G):
+                drop = dropped[h].nonzero().squeeze(1)
+                m.x_proj_weight[h, R + drop] = 0
+                m.x_proj_weight[h, R + N + drop] = 0
+        elif isinstance(adapter, Mamba2Layout):
+            prefix, I, _ = adapter._layout()
+            drop = dropped.reshape(-1).nonzero().squeeze(1)
+            for offset in (I, I + G * N):  # B block, C block inside the conv channels
+                m.conv1d.weight[offset + drop] = 0
+                if m.conv1d.bias is not None:
+                    m.conv1d.bias[offset + drop] = 0
+                m.in_proj.weight[prefix + I + offset + drop] = 0
+        else:
+            R = getattr(m, adapter._dt_rank)
+            drop = dropped[0].nonzero().squeeze(1)
+            m.x_proj.weight[R + drop] = 0
+            m.x_proj.weight[R + N + drop] = 0
+
+
+def some_states(adapter, r: int, seed: int = 0) -> torch.Tensor:
+    """A (G, r) set of kept states, different in every group (sorted per group)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(adapter.state_size, generator=g)[:r].sort().values
+                        for _ in range(adapter.ngroups)])
