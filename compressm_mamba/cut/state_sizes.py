@@ -18,6 +18,8 @@ from ..models.registry import find_mixers
 from ..compat import saved_key
 from .surgery import apply_cuts
 
+_PEFT_PREFIX = "base_model.model."  # where peft's PeftModel puts the wrapped model's modules
+
 __all__ = [
     "record_state_sizes",
     "recorded_state_sizes",
@@ -46,8 +48,11 @@ def record_state_sizes(model: nn.Module, adapters: list) -> dict:
         adapters = find_mixers(model)
     except TypeError:
         pass
-    sizes = {a.name: a.state_size for a in adapters}
-    balanced = {a.name: a.full_state_size for a in adapters if a.balanced}
+    # a peft-wrapped model records its base model's names, which merge_and_unload() keeps
+    strip = len(_PEFT_PREFIX) if hasattr(model, "get_base_model") else 0
+    sizes = {a.name[strip:] if a.name.startswith(_PEFT_PREFIX) else a.name: a.state_size for a in adapters}
+    balanced = {a.name[strip:] if a.name.startswith(_PEFT_PREFIX) else a.name: a.full_state_size
+                for a in adapters if a.balanced}
     config = getattr(model, "config", None)
     if config is None:
         model._compressm_state_sizes = sizes
@@ -113,9 +118,6 @@ def resize_to_(model: nn.Module, sizes: dict, balanced: dict | None = None) -> N
         maps.append(a.plan_maps(zeros, zeros.clone()))
     apply_cuts(maps)
     record_state_sizes(model, list(adapters.values()))
-
-
-_PEFT_PREFIX = "base_model.model."
 
 
 def _local_name(name: str, adapters: dict) -> str:

@@ -31,6 +31,8 @@ __all__ = [
     "mask_tokens",
     "rows",
     "columns",
+    "linear_row_cuts",
+    "refuse_wrapped",
 ]
 
 
@@ -79,6 +81,51 @@ def rows(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def columns(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: t.index_select(-1, index.to(t.device)).clone()
+
+
+def _lora_variant_ok(layer) -> bool:
+    variants = getattr(layer, "lora_variant", None) or {}
+    return all(v is None or "Dora" in type(v).__name__ for v in variants.values())
+
+
+def linear_row_cuts(linear: nn.Module, index: torch.Tensor, where: str) -> tuple:
+    """(ParamCuts, attribute updates) that keep output rows ``index`` of ``linear``.
+
+    ``linear`` is an ``nn.Linear`` or a peft LoRA layer wrapping one (``base_layer``): then each
+    adapter's ``lora_B`` (out_features, r) loses the same rows (and its bias, and DoRA's per-row
+    magnitude), so that W + scale·B·A keeps exactly the kept rows and a merged model equals the
+    unmerged one.  Other peft tuners are refused, naming ``where``.
+    """
+    n = int(index.numel())
+    params, attrs = [], []
+    target = linear
+    if hasattr(linear, "base_layer"):
+        if not hasattr(linear, "lora_B") or not _lora_variant_ok(linear):
+            raise ValueError(f"{where}: {type(linear).__name__} wraps this projection; only peft LoRA (and DoRA) "
+                             "adapters can be cut with it")
+        for B in linear.lora_B.values():
+            params.append(ParamCut(B, "weight", rows(index)))
+            if B.bias is not None:
+                params.append(ParamCut(B, "bias", rows(index)))
+            attrs.append((B, "out_features", n))
+        for magnitude in getattr(linear, "lora_magnitude_vector", {}).values():
+            params.append(ParamCut(magnitude, "weight", rows(index)))
+        attrs.append((linear, "out_features", n))
+        while hasattr(target, "base_layer"):
+            target = target.base_layer
+    params.append(ParamCut(target, "weight", rows(index)))
+    if target.bias is not None:
+        params.append(ParamCut(target, "bias", rows(index)))
+    attrs.append((target, "out_features", n))
+    return params, attrs
+
+
+def refuse_wrapped(module: nn.Module, where: str) -> None:
+    """A projection whose state rows a cut must slice but which an adapter (peft) wraps in a way we
+    do not cut: say so instead of cutting the wrapper's inside only."""
+    if hasattr(module, "base_layer"):
+        raise ValueError(f"{where}: {type(module).__name__} (a peft adapter) wraps it; adapters on this module "
+                         "cannot be cut — target in_proj / x_proj / out_proj instead")
 
 
 # What each scan implementation computes for a layer of N states (issue 14, item 4): a cut below

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import CutPlan, MixerAdapter, ParamCut, columns, mask_tokens, rows
+from .base import CutPlan, MixerAdapter, ParamCut, columns, linear_row_cuts, mask_tokens, refuse_wrapped, rows
 
 __all__ = ["Mamba1Layout", "NormalisedBCLayout", "Mamba2Layout", "selecting_norm_class"]
 
@@ -85,8 +85,9 @@ class Mamba1Layout(MixerAdapter):
         kept_rows = torch.cat([torch.arange(R), R + idx, R + N + idx])
         plan = CutPlan(self.name, int(idx.numel()))
         plan.params.append(ParamCut(m, "A_log", columns(idx)))
-        plan.params.append(ParamCut(m.x_proj, "weight", rows(kept_rows)))
-        plan.attrs += [(m, self._state, int(idx.numel())), (m.x_proj, "out_features", int(kept_rows.numel()))]
+        params, attrs = linear_row_cuts(m.x_proj, kept_rows, f"{self.name}.x_proj")
+        plan.params += params
+        plan.attrs += [(m, self._state, int(idx.numel()))] + attrs
         return plan
 
 
@@ -223,10 +224,11 @@ class Mamba2Layout(MixerAdapter):
         m = self.module
         G, r = self.ngroups, int(keep.shape[1])
         in_rows, conv_rows = self._in_rows(keep)
+        refuse_wrapped(m.conv1d, f"{self.name}.conv1d")
         plan = CutPlan(self.name, r)
-        plan.params.append(ParamCut(m.in_proj, "weight", rows(in_rows)))
-        if m.in_proj.bias is not None:
-            plan.params.append(ParamCut(m.in_proj, "bias", rows(in_rows)))
+        params, attrs = linear_row_cuts(m.in_proj, in_rows, f"{self.name}.in_proj")
+        plan.params += params
+        plan.attrs += attrs
         plan.params.append(ParamCut(m.conv1d, "weight", rows(conv_rows)))
         if m.conv1d.bias is not None:
             plan.params.append(ParamCut(m.conv1d, "bias", rows(conv_rows)))
@@ -234,7 +236,6 @@ class Mamba2Layout(MixerAdapter):
         plan.attrs += [(m, self._state, r)] + [(m, attr, new_conv_dim) for attr in self._extra_attrs]
         plan.attrs += [(m, attr, G * r) for attr in self._group_state_attrs]
         plan.attrs += [
-            (m.in_proj, "out_features", int(in_rows.numel())),
             (m.conv1d, "in_channels", new_conv_dim),
             (m.conv1d, "out_channels", new_conv_dim),
             (m.conv1d, "groups", new_conv_dim),
