@@ -111,3 +111,34 @@ def recurrent_state_shapes(model, prompt: torch.Tensor) -> dict:
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache_params", None)
     return {a.name: tuple(cache.get_recurrent_state(a.module.layer_idx, state_idx=0).shape)
             for a in find_mixers(model)}
+
+
+def reference_mixer_output(adapter, hidden: torch.Tensor) -> torch.Tensor:
+    """The layer's output rebuilt from the adapter's recomputed (delta, A, B, C) and the float64
+    reference scan: proves ``ssm_inputs`` are the values the family's forward scans with.
+
+    hidden: (batch, L, hidden) float32, no padding.  Mamba2-style layers whose gate goes through a
+    gated RMS norm (every family here, Falcon-H1 with ``mamba_rms_norm``) only.
+    """
+    from compressm_mamba.models.layouts import Mamba2Layout
+    from compressm_mamba.models.zamba import ZambaAdapter
+    from compressm_mamba.reference import selective_scan, selective_scan_mamba2
+
+    m = adapter.module
+    batch, L, _ = hidden.shape
+    delta, A, B, C = (t.double() for t in adapter.ssm_inputs(hidden))
+    if isinstance(adapter, Mamba2Layout):
+        prefix, I, conv_dim = adapter._layout()
+        z, xBC, _ = adapter._project(hidden)[..., prefix:].split([I, conv_dim, adapter.channels], dim=-1)
+        x = m.act(m.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)[..., :I]
+        y = selective_scan_mamba2(x.reshape(batch, L, adapter.channels, -1).double(), delta.transpose(1, 2), A[:, 0],
+                                  B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2), m.D.double())
+        return m.out_proj(m.norm(y.reshape(batch, L, I).float(), z))
+    proj = m.in_proj(hidden).transpose(1, 2)  # (batch, 2·d_inner, L)
+    if isinstance(adapter, ZambaAdapter):  # x and the gate interleave channel by channel
+        x, z = proj.view(batch, -1, 2, L)[:, :, 0], proj.view(batch, -1, 2, L)[:, :, 1]
+    else:
+        x, z = proj.chunk(2, dim=1)
+    x = m.act(m.conv1d(x)[..., :L])
+    y = selective_scan(x.double(), delta, A, B, C, m.D.double().reshape(-1), z.double())
+    return m.out_proj(y.transpose(1, 2).float())

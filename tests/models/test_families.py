@@ -13,7 +13,8 @@ import copy
 
 import pytest
 import torch
-from family_models import FAMILIES, MAMBA2_STYLE, PLAIN_LOADABLE, some_states, tiny, zero_dropped_
+from family_models import (FAMILIES, MAMBA2_STYLE, PLAIN_LOADABLE, config_kwargs, reference_mixer_output, some_states,
+                           tiny, zero_dropped_)
 from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -81,6 +82,26 @@ def test_cut_equals_the_model_with_dropped_states_zeroed(family, groups):
     assert [a.state_size for a in find_mixers(model)] == [5] * len(kept)
     for n, p in non_ssm_params(model).items():  # attention, MLP, MoE, norms, embeddings: same objects, same values
         assert p is others[n][0] and torch.equal(p, others[n][1]), n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recomputed_system_is_the_one_the_forward_scans_before_and_after_a_cut(family):
+    """What the Gramians are computed from (hooks call ``ssm_inputs``) is what the mixer runs."""
+    if family == "falcon_h1":  # its gated-norm variant, with non-trivial µP multipliers
+        torch.manual_seed(0)
+        config = transformers.AutoConfig.for_model(family, **config_kwargs(family), mamba_rms_norm=True,
+                                                   ssm_in_multiplier=0.7, ssm_multipliers=[1.5, 0.5, 2.0, 0.25, 3.0])
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    else:
+        model = tiny(family)
+    hidden = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(5))
+    for step in ("before", "after"):
+        for a in find_mixers(model):
+            with torch.no_grad():
+                assert_close(reference_mixer_output(a, hidden), a.module(hidden), rtol=1e-4, atol=1e-5,
+                             name=f"{a.name} {step} the cut")
+        if step == "before":
+            cut_(model, lambda a: some_states(a, 5, seed=len(a.name)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
