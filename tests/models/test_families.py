@@ -133,7 +133,7 @@ def test_uniform_cut_loads(family, tmp_path):
     assert torch.equal(logits(loaded, x), logits(model, x))
 
 
-def _cached_scores_match_full_forwards(model, prompt, new_tokens=4):
+def _cached_scores_match_full_forwards(model, prompt, new_tokens=3):
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False,
                          output_scores=True, return_dict_in_generate=True, pad_token_id=0)
     full = logits(model, out.sequences)  # no cache: every position from scratch
@@ -153,30 +153,31 @@ def test_generate_with_the_family_cache_before_and_after_a_cut(family):
     _cached_scores_match_full_forwards(model, prompt)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("mamba", "mamba2")])  # those: test_callback.py
 def test_trainer_run_with_the_callback_cuts_and_trains_on(family, tmp_path):
     pytest.importorskip("accelerate")
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    x = ids(batch=16, length=16, seed=4)
+    x = ids(batch=4, length=12, seed=4)
     data = Dataset.from_dict({"input_ids": x.tolist(), "labels": x.tolist()})
     model = tiny(family).train()
+    # one attempt at step 1 (direct to rank 4), then a step at the new size
     callback = cm.CompreSSMCallback(cm.CompressConfig(mode="rank", rank=4, rank_path="direct", attempts=1,
                                                       warmup_fraction=0.5, calibration_batches=1, **FAST))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
-    assert [len(r.layers) for r in callback.reports] == [len(find_mixers(model))]
+    assert callback.steps == [1] and [len(r.layers) for r in callback.reports] == [len(find_mixers(model))]
     assert all(a.state_size == 4 for a in find_mixers(model))
-    assert trainer.state.global_step == 4
-    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
-    # the cut parameters are the optimizer's and were trained after the cut
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert trainer.state.global_step == 2 and len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    # the cut parameters are the optimizer's, and it stepped them after the cut
     inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     A_log = find_mixers(model)[0].module.A_log
     assert any(p is A_log for g in inner.param_groups for p in g["params"])
-    assert inner.state[A_log]["exp_avg"].shape == A_log.shape
+    assert inner.state[A_log]["exp_avg"].shape == A_log.shape and int(inner.state[A_log]["step"]) == 2
 
 
 @pytest.mark.parametrize("family", ["jamba", "bamba", "zamba2"])
