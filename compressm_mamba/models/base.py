@@ -196,8 +196,10 @@ class MixerAdapter:
         raise NotImplementedError
 
     @torch.no_grad()
-    def ssm_inputs(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """(delta, A, B, C) of this mixer on ``hidden_states`` (batch, L, hidden).
+    def ssm_inputs(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   with_x: bool = False):
+        """(delta, A, B, C) of this mixer on ``hidden_states`` (batch, L, hidden); with ``with_x`` also
+        the scan input x: (batch, channels, L) for Mamba1 layouts, (batch, heads, head_dim, L) for Mamba2.
 
         delta: (batch, channels, L), bias and softplus applied; A: (channels, N);
         B, C: (batch, ngroups, N, L).

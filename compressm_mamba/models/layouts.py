@@ -72,11 +72,13 @@ class Mamba1Layout(MixerAdapter):
         return F.softplus(F.linear(dt_low, m.dt_proj.weight) + m.dt_proj.bias).transpose(1, 2)
 
     @torch.no_grad()
-    def ssm_inputs(self, hidden_states, attention_mask=None):
-        dt_low, B, C = self._dt_B_C(self._conv_x(hidden_states, attention_mask))
+    def ssm_inputs(self, hidden_states, attention_mask=None, with_x: bool = False):
+        x = self._conv_x(hidden_states, attention_mask)
+        dt_low, B, C = self._dt_B_C(x)
         delta = self._delta(dt_low)
         A = -torch.exp(self.module.A_log.float())
-        return delta.float(), A, B.transpose(1, 2)[:, None].float(), C.transpose(1, 2)[:, None].float()
+        out = delta.float(), A, B.transpose(1, 2)[:, None].float(), C.transpose(1, 2)[:, None].float()
+        return (*out, x.transpose(1, 2).float()) if with_x else out  # x: (batch, d_inner, L)
 
     def plan_select(self, keep):
         idx = self._check_keep(keep)[0]
@@ -125,13 +127,15 @@ class NormalisedBCLayout(Mamba1Layout):
         return torch.arange(self.full_state_size) if keep is None else keep.detach().cpu()
 
     @torch.no_grad()
-    def ssm_inputs(self, hidden_states, attention_mask=None):
+    def ssm_inputs(self, hidden_states, attention_mask=None, with_x: bool = False):
         m = self.module
-        dt_low, B, C = self._dt_B_C(self._conv_x(hidden_states, attention_mask))
+        x = self._conv_x(hidden_states, attention_mask)
+        dt_low, B, C = self._dt_B_C(x)
         delta = F.softplus(F.linear(m.dt_layernorm(dt_low), m.dt_proj.weight) + m.dt_proj.bias).transpose(1, 2)
         B, C = m.b_layernorm(B), m.c_layernorm(C)  # (batch, L, r): normalised over all N, then selected
         A = -torch.exp(m.A_log.float())
-        return delta.float(), A, B.transpose(1, 2)[:, None].float(), C.transpose(1, 2)[:, None].float()
+        out = delta.float(), A, B.transpose(1, 2)[:, None].float(), C.transpose(1, 2)[:, None].float()
+        return (*out, x.transpose(1, 2).float()) if with_x else out
 
     def plan_select(self, keep):
         idx = self._check_keep(keep)[0]
@@ -190,7 +194,7 @@ class Mamba2Layout(MixerAdapter):
         return B, C
 
     @torch.no_grad()
-    def ssm_inputs(self, hidden_states, attention_mask=None):
+    def ssm_inputs(self, hidden_states, attention_mask=None, with_x: bool = False):
         m = self.module
         batch, L, _ = hidden_states.shape
         G, N, H = self.ngroups, self.full_state_size, self.channels
@@ -199,7 +203,7 @@ class Mamba2Layout(MixerAdapter):
         _, xBC, dt = proj.split([prefix + I, conv_dim, H], dim=-1)
         xBC = m.act(m.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)
         xBC = mask_tokens(xBC, attention_mask)
-        _, B, C = xBC.split([I, G * N, G * N], dim=-1)
+        x, B, C = xBC.split([I, G * N, G * N], dim=-1)
         B = B.reshape(batch, L, G, N).permute(0, 2, 3, 1).float()
         C = C.reshape(batch, L, G, N).permute(0, 2, 3, 1).float()
         B, C = self._B_C_maps(B, C)
@@ -207,6 +211,8 @@ class Mamba2Layout(MixerAdapter):
         lo, hi = getattr(m, self._dt_limit)
         delta = delta.clamp(min=lo, max=hi).transpose(1, 2)  # (batch, H, L)
         A = (-torch.exp(m.A_log.float()))[:, None].expand(H, self.state_size)
+        if with_x:  # the scan input per head: (batch, H, head_dim, L)
+            return delta, A, B, C, x.reshape(batch, L, H, I // H).permute(0, 2, 3, 1).float()
         return delta, A, B, C
 
     def _in_rows(self, keep: torch.Tensor):

@@ -41,7 +41,7 @@ class ZambaAdapter(Mamba1Layout):
         return int(self.module.n_mamba_heads)
 
     @torch.no_grad()
-    def ssm_inputs(self, hidden_states, attention_mask=None):
+    def ssm_inputs(self, hidden_states, attention_mask=None, with_x: bool = False):
         m = self.module
         batch, L, _ = hidden_states.shape
         H, P, R, N = self.ngroups, int(m.mamba_head_dim), int(m.time_step_rank), self.state_size
@@ -55,7 +55,8 @@ class ZambaAdapter(Mamba1Layout):
         delta = torch.einsum("hpr,bhlr->bhpl", m.dt_proj_weight, dt_low) + m.dt_proj_bias[None, :, :, None]
         delta = F.softplus(delta).reshape(batch, H * P, L)
         A = -torch.exp(m.A_log.float()).reshape(H * P, N)
-        return delta.float(), A, B.transpose(2, 3).float(), C.transpose(2, 3).float()
+        out = delta.float(), A, B.transpose(2, 3).float(), C.transpose(2, 3).float()
+        return (*out, x.reshape(batch, H * P, L).float()) if with_x else out  # x: (batch, d_inner, L)
 
     def plan_select(self, keep):
         keep = self._check_keep(keep)

@@ -222,3 +222,16 @@ def test_bad_input_names_layer_and_argument_and_leaves_the_model_untouched(famil
     _assert_untouched(model, snap)
     with pytest.raises(ValueError, match="CompressConfig.layers"):
         cm.CompressConfig(layers="(")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scan_input_comes_with_the_system_on_request(family):
+    """``ssm_inputs(with_x=True)`` (GHOST's state score needs the scan input) returns the same system
+    plus x shaped per channel (Mamba1 layouts) or per head (Mamba2)."""
+    model = tiny(family)
+    hidden = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(6))
+    for a in find_mixers(model):
+        *system, x = a.ssm_inputs(hidden, with_x=True)
+        assert all(torch.equal(s, t) for s, t in zip(system, a.ssm_inputs(hidden)))
+        per_channel = (2, a.channels, 6) if a.kind == "mamba1" else (2, a.channels, a.module.head_dim, 6)
+        assert x.shape == per_channel and torch.isfinite(x).all()
