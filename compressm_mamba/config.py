@@ -64,8 +64,8 @@ class CompressConfig:
         rounding: how a chosen r is rounded UP (never above the layer's N) to a size the scan kernel
             computes anyway: ``"auto"`` (default) — to what the layer's scan runs at on its device
             (exact for PyTorch scans on a CPU and mamba_ssm's Mamba1 scan; max(next power of two, 16)
-            for mamba_ssm's Mamba2 SSD kernels; the next compiled size for our CUDA scan; the next
-            power of two for our Triton scan); ``"exact"``; ``"multiple16"``; ``"pow2"``.
+            for mamba_ssm's Mamba2 SSD kernels; the next compiled size for our CUDA scan; exact for our
+            Triton scan, which loops over the states); ``"exact"``; ``"multiple16"``; ``"pow2"``.
     """
 
     mode: str = "tolerance"

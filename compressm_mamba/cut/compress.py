@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..models.balanced_mamba2 import group_balancing_maps, group_gramians
 from .collect import GramianCollector
 from ..config import CompressConfig
-from ..models.base import kernel_state_size
+from ..models.base import next_power_of_two
 from ..models.registry import find_mixers
 from ..reference.balancing import hankel_singular_values
 from ..reference.selection import choose_rank, select_states, state_importance
@@ -227,7 +227,7 @@ def round_rank(r: int, N: int, rounding: str, adapter) -> int:
     elif rounding == "multiple16":
         rounded = -(-r // 16) * 16
     elif rounding == "pow2":
-        rounded = kernel_state_size(r, "triton")
+        rounded = next_power_of_two(r)
     else:
         raise ValueError(f"CompressConfig.rounding must be one of auto, exact, multiple16, pow2; got {rounding!r}")
     return min(max(r, rounded), N)

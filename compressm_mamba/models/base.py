@@ -140,10 +140,14 @@ def _next_pow2(n: int) -> int:
 KERNEL_RUNTIMES = {
     "torch": lambda n: n,  # plain PyTorch scans (CPU): cost ∝ N
     "mamba_ssm_scan": lambda n: n,  # mamba_ssm's Mamba1 CUDA scan loops over the N states
-    "triton": _next_pow2,  # our Triton scan: a BLOCK of next_power_of_2(N) states
+    "triton": lambda n: n,  # our Triton scan: a runtime loop over the N states (no padding)
     "cuda": lambda n: next((s for s in _CUDA_EXT_SIZES if s >= n), n),  # our CUDA scan's instantiations
     "mamba_ssm_ssd": lambda n: max(_next_pow2(n), 16),  # mamba_ssm's Mamba2 SSD kernels
 }
+
+
+def next_power_of_two(n: int) -> int:
+    return _next_pow2(n)
 
 
 def kernel_state_size(n: int, runtime: str) -> int:
