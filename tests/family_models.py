@@ -104,13 +104,13 @@ def some_states(adapter, r: int, seed: int = 0) -> torch.Tensor:
 
 def recurrent_state_shapes(model, prompt: torch.Tensor) -> dict:
     """{SSM layer name: shape of its decode-cache recurrent state} after a prefill of ``prompt``."""
+    from compressm_mamba.compat import cache_states
     from compressm_mamba.models.registry import find_mixers
 
     with torch.no_grad():
         out = model(prompt, use_cache=True)
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache_params", None)
-    return {a.name: tuple(cache.get_recurrent_state(a.module.layer_idx, state_idx=0).shape)
-            for a in find_mixers(model)}
+    return {a.name: tuple(cache_states(cache, a.module.layer_idx)[1].shape) for a in find_mixers(model)}
 
 
 def reference_mixer_output(adapter, hidden: torch.Tensor) -> torch.Tensor:
