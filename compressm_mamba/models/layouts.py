@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import compat
 from .base import CutPlan, MixerAdapter, ParamCut, columns, linear_row_cuts, mask_tokens, refuse_wrapped, rows
 
 __all__ = ["Mamba1Layout", "NormalisedBCLayout", "Mamba2Layout", "selecting_norm_class"]
@@ -39,7 +40,7 @@ class Mamba1Layout(MixerAdapter):
     """Mamba1 layout; attribute names: ``_state`` (N on the mixer), ``_dt_rank`` (R)."""
 
     kind = "mamba1"
-    _state, _dt_rank = "ssm_state_size", "time_step_rank"
+    _state, _dt_rank = compat.HF_MAMBA1_ATTRS["state"], compat.HF_MAMBA1_ATTRS["dt_rank"]
 
     @property
     def state_size(self) -> int:
@@ -156,9 +157,9 @@ class Mamba2Layout(MixerAdapter):
     the conv channel count after a cut; ``_group_state_attrs`` to G·N."""
 
     kind = "mamba2"
-    _state, _groups, _heads, _ssm_dim, _dt_limit = "ssm_state_size", "n_groups", "num_heads", "intermediate_size", \
-        "time_step_limit"
-    _extra_attrs = ("conv_dim",)
+    _state, _groups, _heads, _ssm_dim, _dt_limit = (compat.HF_MAMBA2_ATTRS[k] for k in
+                                                    ("state", "groups", "heads", "ssm_dim", "dt_limit"))
+    _extra_attrs = (compat.HF_MAMBA2_ATTRS["conv_dim"],)
     _group_state_attrs = ()
 
     @property

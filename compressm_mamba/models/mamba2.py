@@ -69,7 +69,7 @@ class Mamba2Adapter(Mamba2Layout):
         dtype = m.A_log.dtype
         plan = CutPlan(self.name, r)
         plan.buffers += [(m, "B_map", B_map.to(dtype).clone()), (m, "C_map", C_map.to(dtype).clone())]
-        plan.attrs += [(m, "__class__", mixer_class()), (m, "ssm_state_size", r)]
+        plan.attrs += [(m, "__class__", mixer_class()), (m, self._state, r)]
         return plan
 
 
