@@ -238,3 +238,9 @@ def saved_key(model, key: str) -> str:
         return key
     (saved,) = revert_weight_conversion(model, {key: torch.zeros(1)}).keys()
     return saved
+
+
+def hf_class_path(family: str, cls_name: str) -> str:
+    """The dotted name of transformers' class ``cls_name`` in the ``family`` modelling module
+    (``transformers.models.<family>.modeling_<family>``), as ``models/<family>.py`` matches mixers."""
+    return f"transformers.models.{family}.modeling_{family}.{cls_name}"

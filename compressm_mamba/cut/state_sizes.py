@@ -256,7 +256,7 @@ def from_pretrained(path: str, *, model_class=None, torch_dtype=None):
     from the checkpoint.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-    from transformers.utils import logging as hf_logging
+    from transformers import logging as hf_logging
 
     from ..models.balanced_mamba2 import BALANCED_MODEL_TYPE, unmark_config_dict
 

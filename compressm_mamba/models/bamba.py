@@ -9,10 +9,11 @@ allocated from the states the layer returns, so it follows per-layer sizes.  The
 
 from __future__ import annotations
 
+from .. import compat
 from .layouts import Mamba2Layout, is_module_of
 
 FAMILY = "bamba"
-MIXERS = ("transformers.models.bamba.modeling_bamba.BambaMixer",)
+MIXERS = (compat.hf_class_path("bamba", "BambaMixer"),)
 
 
 class BambaAdapter(Mamba2Layout):

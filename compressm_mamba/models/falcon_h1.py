@@ -10,10 +10,11 @@ load) and updates ``groups_time_state_size``.  The attention half of each layer 
 from __future__ import annotations
 
 from .base import CutPlan
+from .. import compat
 from .layouts import Mamba2Layout, is_module_of
 
 FAMILY = "falcon_h1"
-MIXERS = ("transformers.models.falcon_h1.modeling_falcon_h1.FalconH1Mixer",)
+MIXERS = (compat.hf_class_path("falcon_h1", "FalconH1Mixer"),)
 
 
 class FalconH1Adapter(Mamba2Layout):

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import functools
 
+from .. import compat
 from .layouts import NormalisedBCLayout, is_module_of
 
 FAMILY = "falcon_mamba"
-MIXERS = ("transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer",)
+MIXERS = (compat.hf_class_path("falcon_mamba", "FalconMambaMixer"),)
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,10 +9,11 @@ allocated from the states the layer returns, so it follows per-layer sizes.  The
 
 from __future__ import annotations
 
+from .. import compat
 from .layouts import Mamba2Layout, is_module_of
 
 FAMILY = "granitemoehybrid"
-MIXERS = ("transformers.models.granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridMambaLayer",)
+MIXERS = (compat.hf_class_path("granitemoehybrid", "GraniteMoeHybridMambaLayer"),)
 
 
 class GranitemoehybridAdapter(Mamba2Layout):

@@ -9,10 +9,11 @@ A_log, the scan and the decode cache shrink to r.  A cut checkpoint loads throug
 
 from __future__ import annotations
 
+from .. import compat
 from .layouts import NormalisedBCLayout, is_module_of
 
 FAMILY = "jamba"
-MIXERS = ("transformers.models.jamba.modeling_jamba.JambaMambaMixer",)
+MIXERS = (compat.hf_class_path("jamba", "JambaMambaMixer"),)
 
 
 class JambaAdapter(NormalisedBCLayout):

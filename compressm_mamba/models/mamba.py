@@ -6,10 +6,11 @@ B/C rows (``layouts.Mamba1Layout``).  A uniform cut is a plain checkpoint with `
 
 from __future__ import annotations
 
+from .. import compat
 from .layouts import Mamba1Layout, is_module_of
 
 FAMILY = "mamba"
-MIXERS = ("transformers.models.mamba.modeling_mamba.MambaMixer",
+MIXERS = (compat.hf_class_path("mamba", "MambaMixer"),
           "compressm_mamba.models.drop_in.CompreSSMMambaMixer")
 
 

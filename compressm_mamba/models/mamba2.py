@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 from .base import CutPlan
+from .. import compat
 from .layouts import Mamba2Layout, is_module_of
 
 FAMILY = "mamba2"
-MIXERS = ("transformers.models.mamba2.modeling_mamba2.Mamba2Mixer",
+MIXERS = (compat.hf_class_path("mamba2", "Mamba2Mixer"),
           "compressm_mamba.models.balanced_mamba2.BalancedMamba2Mixer")
 
 

@@ -9,10 +9,11 @@ allocated from the states the layer returns, so it follows per-layer sizes.  The
 
 from __future__ import annotations
 
+from .. import compat
 from .layouts import Mamba2Layout, is_module_of
 
 FAMILY = "nemotron_h"
-MIXERS = ("transformers.models.nemotron_h.modeling_nemotron_h.NemotronHMamba2Mixer",)
+MIXERS = (compat.hf_class_path("nemotron_h", "NemotronHMamba2Mixer"),)
 
 
 class NemotronHAdapter(Mamba2Layout):

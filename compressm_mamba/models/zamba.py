@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from .base import CutPlan, ParamCut, mask_tokens
+from .. import compat
 from .layouts import Mamba1Layout, is_module_of
 
 FAMILY = "zamba"
-MIXERS = ("transformers.models.zamba.modeling_zamba.ZambaMambaMixer",)
+MIXERS = (compat.hf_class_path("zamba", "ZambaMambaMixer"),)
 
 
 def _gather_per_head(index: torch.Tensor, dim: int):

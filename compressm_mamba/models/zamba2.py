@@ -9,10 +9,11 @@ allocated from the states the layer returns, so it follows per-layer sizes.  The
 
 from __future__ import annotations
 
+from .. import compat
 from .layouts import Mamba2Layout, is_module_of
 
 FAMILY = "zamba2"
-MIXERS = ("transformers.models.zamba2.modeling_zamba2.Zamba2MambaMixer",)
+MIXERS = (compat.hf_class_path("zamba2", "Zamba2MambaMixer"),)
 
 
 class Zamba2Adapter(Mamba2Layout):
