@@ -51,7 +51,7 @@ def single(args) -> dict:
     """One configuration, in this process."""
     from compressm_mamba import CompressConfig, compress_, replace_mixers_
     from compressm_mamba.cut.collect import GramianCollector
-    from compressm_mamba.models.adapters import find_mixers
+    from compressm_mamba.models.registry import find_mixers
 
     p = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

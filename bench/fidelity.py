@@ -38,7 +38,7 @@ from common import RESULTS, environment  # noqa: E402
 
 from compressm_mamba import CompressConfig, CompreSSMCallback, compress_  # noqa: E402
 from compressm_mamba.app.data import DIGITS_CLASS0, DIGITS_VOCAB, byte_lm_dataset, digits_dataset, stdlib_bytes  # noqa: E402
-from compressm_mamba.models.adapters import find_mixers  # noqa: E402
+from compressm_mamba.models.registry import find_mixers  # noqa: E402
 from compressm_mamba.cut.state_sizes import resize_to_  # noqa: E402
 from compressm_mamba.app.train import TimingCallback, build_model  # noqa: E402
 

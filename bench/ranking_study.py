@@ -35,7 +35,7 @@ from fidelity import MODES, datasets_for, evaluate, train  # noqa: E402
 from compressm_mamba import CompressConfig, replace_mixers_  # noqa: E402
 from compressm_mamba.cut.collect import GramianCollector  # noqa: E402
 from compressm_mamba.cut.compress import decide_cuts, run_calibration  # noqa: E402
-from compressm_mamba.models.adapters import find_mixers  # noqa: E402
+from compressm_mamba.models.registry import find_mixers  # noqa: E402
 from compressm_mamba.cut.surgery import apply_cuts  # noqa: E402
 from compressm_mamba.app.train import build_model  # noqa: E402
 

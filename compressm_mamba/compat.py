@@ -221,3 +221,26 @@ def hub_kernels_available() -> bool:
     from transformers.utils.import_utils import is_kernels_available
 
     return bool(is_kernels_available())
+
+# --- checkpoint key names (the families work) ---------------------------------------------------
+
+
+def saved_key(model, key: str) -> str:
+    """The name ``model.save_pretrained`` writes the tensor ``key`` (a ``state_dict`` name) under.
+
+    Some families rename on save (Nemotron-H writes ``model.*`` as ``backbone.*``); transformers
+    keeps those renamings in ``core_model_loading`` (5.x).  Older releases renamed nothing.
+    """
+    try:
+        import torch
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return key
+    (saved,) = revert_weight_conversion(model, {key: torch.zeros(1)}).keys()
+    return saved
+
+
+def hf_class_path(family: str, cls_name: str) -> str:
+    """The dotted name of transformers' class ``cls_name`` in the ``family`` modelling module
+    (``transformers.models.<family>.modeling_<family>``), as ``models/<family>.py`` matches mixers."""
+    return f"transformers.models.{family}.modeling_{family}.{cls_name}"

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from .reference.gramians import ESTIMATORS
 from .reference.selection import IMPORTANCE_RULES, KEEP_RULES
 
-__all__ = ["CompressConfig", "MODES", "RANK_PATHS", "REDUCTIONS", "SCHEDULES"]
+__all__ = ["CompressConfig", "MODES", "RANK_PATHS", "REDUCTIONS", "ROUNDINGS", "SCHEDULES"]
 
 MODES = ("tolerance", "fixed", "rank", "pragmatic")
 REDUCTIONS = ("select", "balanced")
 SCHEDULES = ("warmup", "stable")
 RANK_PATHS = ("geometric", "direct")
+ROUNDINGS = ("auto", "exact", "multiple16", "pow2")
 
 
 def _is_int(x) -> bool:
@@ -56,6 +57,15 @@ class CompressConfig:
             max_steps at the latest.
         rollback_tolerance: for ``"pragmatic"``: allowed relative worsening of the metric (0.01).
         seed: seeds ``keep="random"``.
+    Which layers, and ranks the kernels can use:
+        layers: None (every SSM layer, default), or a regex / tuple of regexes: a layer is cut when one
+            of them ``re.search``-matches its module name (``compress_`` also takes a ``filter_fn``).
+            A pattern that matches no SSM layer is an error.  Other layers are never touched.
+        rounding: how a chosen r is rounded UP (never above the layer's N) to a size the scan kernel
+            computes anyway: ``"auto"`` (default) — to what the layer's scan runs at on its device
+            (exact for PyTorch scans on a CPU and mamba_ssm's Mamba1 scan; max(next power of two, 16)
+            for mamba_ssm's Mamba2 SSD kernels; the next compiled size for our CUDA scan; exact for our
+            Triton scan, which loops over the states); ``"exact"``; ``"multiple16"``; ``"pow2"``.
     """
 
     mode: str = "tolerance"
@@ -77,6 +87,8 @@ class CompressConfig:
     stable_jaccard: float = 0.9
     stable_latest_fraction: float = 0.5
     seed: int = 0
+    layers: tuple | None = None
+    rounding: str = "auto"
 
     def __post_init__(self):
         def choice(name, options):
@@ -106,6 +118,8 @@ class CompressConfig:
         choice("reduction", REDUCTIONS)
         choice("schedule", SCHEDULES)
         choice("rank_path", RANK_PATHS)
+        choice("rounding", ROUNDINGS)
+        self._check_layers()
         open_unit("tau")
         open_unit("fraction")
         open_unit("warmup_fraction", hi_closed=True)
@@ -124,6 +138,22 @@ class CompressConfig:
             raise ValueError("CompressConfig.rank must be set when mode='rank'")
         if self.mode == "rank" and self.rank < self.min_state:
             raise ValueError(f"CompressConfig.rank={self.rank} is below min_state={self.min_state}")
+
+    def _check_layers(self):
+        import re
+
+        layers = self.layers
+        if layers is None:
+            return
+        patterns = (layers,) if isinstance(layers, str) else layers
+        if not isinstance(patterns, (tuple, list)) or not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"CompressConfig.layers must be None, a regex or a non-empty tuple of regexes, got {layers!r}")
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as err:
+                raise ValueError(f"CompressConfig.layers: {p!r} is not a regular expression ({err})") from None
+        object.__setattr__(self, "layers", tuple(patterns))
 
     @property
     def rank_mode(self) -> str:

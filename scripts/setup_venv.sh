@@ -42,7 +42,7 @@ if [ -z "$cuda_torch" ]; then
   "$VPY" -m pip install -q torch==2.13.0 triton==3.7.1
 fi
 "$VPY" -m pip install -q numpy scipy "transformers==5.23.0" "datasets==5.2.0" accelerate ninja einops packaging \
-  pytest safetensors tqdm matplotlib scikit-learn
+  pytest safetensors tqdm matplotlib scikit-learn "peft==0.21.2"
 
 # mamba-ssm / causal-conv1d are optional (used as an anchor in tests where importable).  Both are
 # sdist-only; on CPU they build in seconds with the CUDA part skipped.  --no-deps: mamba-ssm's

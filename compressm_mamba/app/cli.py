@@ -83,7 +83,7 @@ def _data_args(parser, *, default_data: str):
 
 def _check_rank(model, config) -> None:
     """--rank larger than a layer's N: an error before any calibration (which may take minutes)."""
-    from ..models.adapters import find_mixers
+    from ..models.registry import find_mixers
 
     if config.mode != "rank":
         return
@@ -194,7 +194,7 @@ def cmd_compress(args) -> int:
 def cmd_analyze(args) -> int:
     from ..cut.collect import GramianCollector
     from ..cut.compress import decide_cuts, run_calibration
-    from ..models.adapters import find_mixers
+    from ..models.registry import find_mixers
     from ..persistence import check_output_dir
     from .plots import plot_spectra_table
 

@@ -147,7 +147,7 @@ def finetune(
     from transformers import Trainer, TrainingArguments, logging as hf_logging
 
     from ..cut.state_sizes import from_pretrained
-    from ..models.adapters import find_mixers
+    from ..models.registry import find_mixers
     from ..models.drop_in import replace_mixers_
     from ..persistence import check_output_dir, save_pretrained_atomic, write_json_atomic
     from ..training.callback import CompreSSMCallback

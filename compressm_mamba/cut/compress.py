@@ -11,7 +11,8 @@ import torch.nn as nn
 from ..models.balanced_mamba2 import group_balancing_maps, group_gramians
 from .collect import GramianCollector
 from ..config import CompressConfig
-from ..models.adapters import find_mixers
+from ..models.base import next_power_of_two
+from ..models.registry import find_mixers
 from ..reference.balancing import hankel_singular_values
 from ..reference.selection import choose_rank, select_states, state_importance
 from .state_sizes import record_state_sizes
@@ -51,6 +52,11 @@ class LayerDecision:
     hsv: torch.Tensor
     maps: tuple | None = None
     reason: str = ""
+    kernel_state: int | None = None  # the N the layer's scan computes after the decision
+
+    @property
+    def kernel_state_after(self) -> int:
+        return self.state_after if self.kernel_state is None else self.kernel_state
 
     @property
     def reduction(self) -> str:
@@ -96,6 +102,7 @@ class CompressionReport:
                     "state_before": d.state_before,
                     "state_after": d.state_after,
                     "energy_kept": d.energy_kept,
+                    "kernel_state": d.kernel_state_after,
                     "kept": d.kept.tolist(),
                     "importance": d.importance.tolist(),
                     "hsv_mean": d.hsv.mean(0).tolist(),
@@ -111,13 +118,15 @@ class CompressionReport:
         return write_json_atomic(self.to_dict(), path)
 
     def __str__(self) -> str:
-        head = f"{'layer':<32} {'kind':<6} {'N':>5} {'-> N':>5} {'energy kept':>11}  top importances"
+        head = (f"{'layer':<32} {'kind':<6} {'N':>5} {'-> N':>5} {'kernel N':>8} {'energy kept':>11}  "
+                "top importances")
         lines = [head, "-" * len(head)]
         for d in self.layers:
             top = torch.sort(d.importance.sum(0), descending=True).values[:4]
             spectrum = " ".join(f"{v:.2e}" for v in top.tolist())
             lines.append(
-                f"{d.name:<32} {d.kind:<6} {d.state_before:>5} {d.state_after:>5} {d.energy_kept:>11.4f}  {spectrum}"
+                f"{d.name:<32} {d.kind:<6} {d.state_before:>5} {d.state_after:>5} {d.kernel_state_after:>8} "
+                f"{d.energy_kept:>11.4f}  {spectrum}"
             )
         if self.layers and not self.changed:
             lines.append("nothing was cut: every layer is already at (or within the gate of) the size asked for; "
@@ -141,6 +150,8 @@ def decide_cuts(adapters: list, gramians: dict, config: CompressConfig, targets:
         balanced = config.reduction == "balanced"
         if balanced and adapter.kind != "mamba2":
             raise ValueError(f"{adapter.name}: reduction='balanced' needs a Mamba2 mixer (Mamba1 keeps states by selection)")
+        if balanced:
+            adapter.maps()  # raises, naming the layer, where the family has no balanced mixer
         P, Q = gramians[adapter.name]
         N, G = adapter.state_size, adapter.ngroups
         if P.shape != (adapter.channels, N, N):
@@ -166,7 +177,12 @@ def decide_cuts(adapters: list, gramians: dict, config: CompressConfig, targets:
             )
         except ValueError as err:
             raise ValueError(f"{adapter.name}: {err}") from None
+        rounded = round_rank(r, N, config.rounding, adapter)
         reason = _reason(importance, r, N, config, targets.get(adapter.name) if targets else None)
+        if rounded != r:
+            reason += f"; rounded up to {rounded} (rounding={config.rounding!r}: the scan computes " \
+                      f"{adapter.kernel_state_size(rounded)} states)"
+        r = rounded
         maps = None
         if r < N and balanced:
             kept = torch.arange(r).expand(G, r).clone()
@@ -175,7 +191,8 @@ def decide_cuts(adapters: list, gramians: dict, config: CompressConfig, targets:
             kept = torch.stack([select_states(importance[g], r, config.keep, generator) for g in range(G)])
         else:
             kept = torch.arange(N).expand(G, N).clone()
-        decisions.append(LayerDecision(adapter.name, adapter.kind, N, r, kept, importance, hsv, maps, reason))
+        decisions.append(LayerDecision(adapter.name, adapter.kind, N, r, kept, importance, hsv, maps, reason,
+                                       kernel_state=adapter.kernel_state_size(r)))
     return decisions
 
 
@@ -199,6 +216,21 @@ def _reason(importance: torch.Tensor, r: int, N: int, config: CompressConfig, ta
     if asked >= N:
         return f"not cut (stays {N}): {rule}, nothing to remove"
     return f"not cut (stays {N}): {rule}, which is not below the gate {c.gate} x {N} = {c.gate * N:g}"
+
+
+def round_rank(r: int, N: int, rounding: str, adapter) -> int:
+    """r rounded up for the kernels (``CompressConfig.rounding``), never above the layer's N."""
+    if rounding == "exact" or r >= N:
+        return r
+    if rounding == "auto":
+        rounded = adapter.kernel_state_size(r)
+    elif rounding == "multiple16":
+        rounded = -(-r // 16) * 16
+    elif rounding == "pow2":
+        rounded = next_power_of_two(r)
+    else:
+        raise ValueError(f"CompressConfig.rounding must be one of auto, exact, multiple16, pow2; got {rounding!r}")
+    return min(max(r, rounded), N)
 
 
 def plans_for(adapters: list, decisions: list) -> list:
@@ -264,14 +296,18 @@ def _check_ids(ids, what: str) -> None:
                         f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
 
 
-def compress_(model: nn.Module, config: CompressConfig, calibration, *, optimizer=None) -> CompressionReport:
+def compress_(model: nn.Module, config: CompressConfig, calibration, *, optimizer=None,
+              filter_fn=None) -> CompressionReport:
     """One-shot compression in place: calibrate, choose ranks, cut every supported mixer.
 
     Args:
-        model: a model holding supported Mamba mixers (``mixers.supported_types()``).
+        model: a model holding supported Mamba mixers (``models.registry.supported_types()``), of any
+            family in ``compressm_mamba/models``; attention, MLP and MoE layers are never touched.
         config: ``CompressConfig``.
         calibration: an iterable of batches (dicts of model inputs, or input-id tensors).
         optimizer: optional; re-keyed and sliced alongside the parameters.
+        filter_fn: optional ``(module name, module) -> bool`` choosing the SSM layers to cut
+            (torchao-style); otherwise ``config.layers`` (regexes) or every SSM layer.
 
     Returns:
         a ``CompressionReport``.  On any error (unsupported model, empty calibration, diverged
@@ -282,7 +318,9 @@ def compress_(model: nn.Module, config: CompressConfig, calibration, *, optimize
     """
     if not isinstance(config, CompressConfig):
         raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")
-    adapters = find_mixers(model)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable (name, module) -> bool, got {type(filter_fn).__name__}")
+    adapters = find_mixers(model, filter_fn if filter_fn is not None else config.layers)
     collector = GramianCollector(adapters, config.estimator)
     if run_calibration(model, calibration, collector) == 0:
         raise ValueError("calibration is empty: compress_ needs at least one batch")

@@ -14,8 +14,11 @@ import os
 import torch
 import torch.nn as nn
 
-from ..models.adapters import find_mixers
+from ..models.registry import find_mixers
+from ..compat import saved_key
 from .surgery import apply_cuts
+
+_PEFT_PREFIX = "base_model.model."  # where peft's PeftModel puts the wrapped model's modules
 
 __all__ = [
     "record_state_sizes",
@@ -31,13 +34,25 @@ __all__ = [
 
 
 def record_state_sizes(model: nn.Module, adapters: list) -> dict:
-    """Write the adapters' current state sizes into ``model.config`` (when the model has one).
+    """Write the current state sizes of every SSM layer of ``model`` into ``model.config`` (when the
+    model has one); ``adapters`` is used when the model itself cannot be searched (a bare module).
 
     Balanced-truncated Mamba2 layers also record the size of the B and C their in_proj computes
-    (``balanced``: {layer name: N}); ``config.state_size`` is the largest size any layer builds with.
+    (``balanced``: {layer name: N}).  The config's own state-size field (``state_size``,
+    ``mamba_d_state``, ``ssm_state_size``, mamba_ssm's ``ssm_cfg["d_state"]``: the family adapter's
+    ``config_state_key``) becomes the largest size any layer is built with, so that a uniform cut is
+    a plain checkpoint of the family.  ``loader: "compressm"`` marks checkpoints that only
+    ``from_pretrained`` here can build (per-layer sizes, balanced maps, normalise-then-select).
     """
-    sizes = {a.name: a.state_size for a in adapters}
-    balanced = {a.name: a.full_state_size for a in adapters if getattr(a, "balanced", False)}
+    try:
+        adapters = find_mixers(model)
+    except TypeError:
+        pass
+    # a peft-wrapped model records its base model's names, which merge_and_unload() keeps
+    strip = len(_PEFT_PREFIX) if hasattr(model, "get_base_model") else 0
+    sizes = {a.name[strip:] if a.name.startswith(_PEFT_PREFIX) else a.name: a.state_size for a in adapters}
+    balanced = {a.name[strip:] if a.name.startswith(_PEFT_PREFIX) else a.name: a.full_state_size
+                for a in adapters if a.balanced}
     config = getattr(model, "config", None)
     if config is None:
         model._compressm_state_sizes = sizes
@@ -48,10 +63,15 @@ def record_state_sizes(model: nn.Module, adapters: list) -> dict:
         from ..models.balanced_mamba2 import mark_config_
 
         mark_config_(config)  # plain transformers must refuse it (it would ignore the balancing maps)
-    largest = max(list(sizes.values()) + list(balanced.values()))
-    if hasattr(config, "state_size"):  # transformers
-        config.state_size = largest
-    elif isinstance(getattr(config, "ssm_cfg", None), dict):  # mamba_ssm's MambaConfig
+    if balanced or len(set(sizes.values())) > 1 or any(a.needs_compressm_loader and a.state_size < a.full_state_size
+                                                       for a in adapters):
+        config.compressm["loader"] = "compressm"
+    largest = max(a.full_state_size for a in adapters)
+    keys = {a.config_state_key for a in adapters if a.config_state_key}
+    for key in keys:
+        if hasattr(config, key):  # transformers
+            setattr(config, key, largest)
+    if not keys and isinstance(getattr(config, "ssm_cfg", None), dict):  # mamba_ssm's MambaConfig
         config.ssm_cfg["d_state"] = largest
     return sizes
 
@@ -72,8 +92,9 @@ def resize_to_(model: nn.Module, sizes: dict, balanced: dict | None = None) -> N
     sizes: {layer name: N}; balanced: {layer name: N_full} for balanced-truncated Mamba2 layers,
     which get (zero) maps of shape (ngroups, N, N_full).
     """
-    balanced = balanced or {}
     adapters = {a.name: a for a in find_mixers(model)}
+    sizes = {_local_name(n, adapters): r for n, r in sizes.items()}
+    balanced = {_local_name(n, adapters): r for n, r in (balanced or {}).items()}
     unknown = sorted((set(sizes) | set(balanced)) - set(adapters))
     if unknown:
         raise ValueError(f"state sizes name layers the model does not have: {unknown}")
@@ -99,6 +120,18 @@ def resize_to_(model: nn.Module, sizes: dict, balanced: dict | None = None) -> N
     record_state_sizes(model, list(adapters.values()))
 
 
+def _local_name(name: str, adapters: dict) -> str:
+    """``name`` as the model names it: a layer recorded under a peft wrapper (``base_model.model.…``)
+    is the same layer of the unwrapped model, and the other way round."""
+    if name in adapters:
+        return name
+    if name.startswith(_PEFT_PREFIX) and name[len(_PEFT_PREFIX):] in adapters:
+        return name[len(_PEFT_PREFIX):]
+    if _PEFT_PREFIX + name in adapters:
+        return _PEFT_PREFIX + name
+    return name
+
+
 def state_sizes_in_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> tuple:
     """(sizes, balanced) that ``state_dict``'s tensor shapes imply for ``model``'s mixers.
 
@@ -111,8 +144,8 @@ def state_sizes_in_state_dict(model: nn.Module, state_dict: dict, prefix: str = 
         key = f"{prefix}{a.name}." if a.name else prefix
         if a.kind == "mamba1":
             A_log = state_dict.get(key + "A_log")
-            if A_log is not None and A_log.dim() == 2:
-                sizes[a.name] = int(A_log.shape[1])
+            if A_log is not None and A_log.dim() >= 2:
+                sizes[a.name] = int(A_log.shape[-1])
             continue
         B_map = state_dict.get(key + "B_map")
         if B_map is not None and B_map.dim() == 3:
@@ -209,17 +242,21 @@ def load_safetensors_dir(path: str) -> dict:
 
 
 def from_pretrained(path: str, *, model_class=None, torch_dtype=None):
-    """Load a Hugging Face Mamba / Mamba2 checkpoint, whatever its per-layer state sizes.
+    """Load a Hugging Face checkpoint of any supported family, whatever its per-layer state sizes.
 
     Args:
         path: a local checkpoint directory (config.json + safetensors).
         model_class: the transformers class to build (default: ``AutoModelForCausalLM``).
         torch_dtype: optional dtype to cast the model to.
 
-    Uniform checkpoints go through transformers' own ``from_pretrained``; per-layer ones are built
-    from the config, cut to the recorded sizes and loaded strictly (tied weights excepted).
+    Uniform plain checkpoints go through transformers' own ``from_pretrained``.  The others (per-layer
+    sizes, balanced maps, normalise-then-select) too, with ``ignore_mismatched_sizes``: transformers
+    loads every tensor the config describes (with its own checkpoint conversions, e.g. fused MoE
+    experts); then the SSM layers are cut to their recorded sizes and their tensors loaded, strictly,
+    from the checkpoint.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+    from transformers import logging as hf_logging
 
     from ..models.balanced_mamba2 import BALANCED_MODEL_TYPE, unmark_config_dict
 
@@ -233,30 +270,23 @@ def from_pretrained(path: str, *, model_class=None, torch_dtype=None):
     else:
         config = AutoConfig.from_pretrained(path)
     sizes, balanced = recorded_state_sizes(config)
-    if not balanced and (not sizes or len(set(sizes.values())) == 1):
-        kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
+    kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
+    plain = not isinstance(getattr(config, "compressm", None), dict) or config.compressm.get("loader") != "compressm"
+    if plain and not balanced and (not sizes or len(set(sizes.values())) == 1):
         return model_class.from_pretrained(path, **kwargs)
 
-    model = model_class.from_config(config)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the SSM tensors it reports as mismatched are loaded below
+    try:
+        model = model_class.from_pretrained(path, config=config, ignore_mismatched_sizes=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     resize_to_(model, sizes, balanced)
     state = load_safetensors_dir(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"{path}: checkpoint holds tensors the model does not: {unexpected[:5]}")
-    loaded_ptrs = {p.data_ptr() for n, p in model.named_parameters() if n in state}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
-    if untied:
-        raise ValueError(f"{path}: checkpoint lacks {untied[:5]}")
-    _load_generation_config(model, path)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
+    for a in find_mixers(model):
+        wanted = {k: saved_key(model, f"{a.name}.{k}") for k in a.module.state_dict()}
+        missing = sorted(v for v in wanted.values() if v not in state)
+        if missing:
+            raise ValueError(f"{path}: layer {a.name}: the checkpoint lacks {missing[:5]}")
+        a.module.load_state_dict({k: state[v] for k, v in wanted.items()}, strict=True)
     return model.eval()
-
-
-def _load_generation_config(model, path: str) -> None:
-    """The checkpoint's generation_config.json onto a model built from its config (as transformers does)."""
-    if os.path.isfile(os.path.join(path, "generation_config.json")) and hasattr(model, "generation_config"):
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(path)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..models.adapters import CutPlan
+from ..models.base import CutPlan
 
 __all__ = ["apply_cuts", "AppliedCuts", "unwrap_optimizer"]
 
@@ -62,16 +62,21 @@ class AppliedCuts:
         self.mapping = {}
         self._params = []  # (module, attr, old parameter)
         self._attrs = []  # (module, attr, previous value)
-        self._buffers = []  # (module, name, previous tensor or _MISSING)
+        self._buffers = []  # (module, name, previous tensor or _MISSING, was persistent)
         self._groups = None
         self._state = None
 
     def undo(self) -> None:
-        for module, name, previous in reversed(self._buffers):
+        for module, name, previous, was_persistent in reversed(self._buffers):
             if previous is _MISSING:
                 del module._buffers[name]
+                module._non_persistent_buffers_set.discard(name)
             else:
                 module._buffers[name] = previous
+                if was_persistent:
+                    module._non_persistent_buffers_set.discard(name)
+                else:
+                    module._non_persistent_buffers_set.add(name)
         for module, attr, previous in reversed(self._attrs):
             setattr(module, attr, previous)
         for module, attr, old in reversed(self._params):
@@ -117,10 +122,11 @@ def apply_cuts(plans: list, optimizer=None) -> AppliedCuts:
                 previous = getattr(module, attr)
                 setattr(module, attr, value)
                 applied._attrs.append((module, attr, previous))
-            for module, name, tensor in plan.buffers:
+            for module, name, tensor, *persistent in plan.buffers:
                 previous = module._buffers.get(name, _MISSING)
-                module.register_buffer(name, tensor, persistent=True)
-                applied._buffers.append((module, name, previous))
+                was_persistent = name not in module._non_persistent_buffers_set
+                module.register_buffer(name, tensor, persistent=persistent[0] if persistent else True)
+                applied._buffers.append((module, name, previous, was_persistent))
         if optimizer is not None:
             applied._groups = [list(group["params"]) for group in optimizer.param_groups]
             applied._state = {old: optimizer.state[old] for _, _, old, _, _ in staged if old in optimizer.state}

@@ -62,7 +62,7 @@ from . import distributed
 from ..cut.collect import GramianCollector
 from ..cut.compress import CompressionReport, LayerDecision, decide_cuts, plans_for
 from ..config import CompressConfig
-from ..models.adapters import find_mixers
+from ..models.registry import find_mixers
 from ..persistence import save_tensors_atomic, write_json_atomic
 from ..cut.state_sizes import record_state_sizes, resize_on_load
 from ..cut.surgery import apply_cuts
@@ -206,7 +206,7 @@ class CompreSSMCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         distributed.check_supported_wrapping(model)
         _visible_logs()
-        self._adapters = find_mixers(model)  # TypeError for a model without supported mixers
+        self._adapters = find_mixers(model, self.config.layers)  # TypeError for a model without supported mixers
         if self.fast_scan:
             self._use_fast_scan(model)
         self._collector = GramianCollector(self._adapters, self.config.estimator)
@@ -309,7 +309,7 @@ class CompreSSMCallback(TrainerCallback):
             names = replace_mixers_(model)
         except TypeError:  # no transformers / mamba_ssm Mamba1 mixer (e.g. a custom one): keep it
             return
-        self._adapters = find_mixers(model)
+        self._adapters = find_mixers(model, self.config.layers)
         logger.info("CompreSSMCallback: %d Mamba1 mixer%s now run compressm_mamba's scan kernels (fast_scan=True; "
                     "same parameters)", len(names), "" if len(names) == 1 else "s")
 

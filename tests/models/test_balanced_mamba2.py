@@ -7,7 +7,7 @@ from helpers import assert_close, mamba2_reference_output, random_ids, tiny_mamb
 import compressm_mamba as cm
 from compressm_mamba.models.balanced_mamba2 import group_balancing_maps, group_gramians, mixer_class
 from compressm_mamba.cut.collect import GramianCollector
-from compressm_mamba.models.adapters import find_mixers
+from compressm_mamba.models.registry import find_mixers
 from compressm_mamba.cut.surgery import apply_cuts
 
 pytest.importorskip("transformers")

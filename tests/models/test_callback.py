@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 import compressm_mamba as cm  # noqa: E402
 from compressm_mamba.training.callback import attempt_steps  # noqa: E402
-from compressm_mamba.models.adapters import find_mixers  # noqa: E402
+from compressm_mamba.models.registry import find_mixers  # noqa: E402
 
 MODELS = {"mamba": tiny_mamba, "mamba2": tiny_mamba2}
 

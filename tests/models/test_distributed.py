@@ -72,7 +72,7 @@ def train_once(out_dir: str, run: str, world: int, keep: str = "largest") -> dic
     import compressm_mamba as cm
     from compressm_mamba.training import distributed
     from compressm_mamba.cut.collect import GramianCollector
-    from compressm_mamba.models.adapters import find_mixers
+    from compressm_mamba.models.registry import find_mixers
 
     if run == "ddp_fault":
         callback = cm.CompreSSMCallback(_config(keep=keep, attempts=2))  # attempts at steps 2 and 4
@@ -299,7 +299,7 @@ def test_random_keep_draws_the_same_states_whatever_the_local_gramians():
 
     from compressm_mamba.cut.collect import GramianCollector
     from compressm_mamba.cut.compress import decide_cuts
-    from compressm_mamba.models.adapters import find_mixers
+    from compressm_mamba.models.registry import find_mixers
 
     model = tiny_mamba(state_size=8, hidden=16)
     adapters = find_mixers(model)

@@ -9,7 +9,7 @@ from helpers import assert_close, random_ids, tiny_mamba
 import compressm_mamba as cm
 from compressm_mamba.cut.collect import GramianCollector
 from compressm_mamba.models.drop_in import mixer_class, replace_mixers_
-from compressm_mamba.models.adapters import find_mixers
+from compressm_mamba.models.registry import find_mixers
 from compressm_mamba.ops.selective_scan import last_call
 
 pytest.importorskip("transformers")

@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 import compressm_mamba as cm  # noqa: E402
 from compressm_mamba.training import callback as callback_module  # noqa: E402
-from compressm_mamba.models.adapters import find_mixers  # noqa: E402
+from compressm_mamba.models.registry import find_mixers  # noqa: E402
 
 MAX_STEPS = 8
 CONFIG = cm.CompressConfig(mode="rank", rank=4, warmup_fraction=0.5, attempts=2, calibration_batches=1)  # attempts 2, 4

@@ -9,7 +9,7 @@ from helpers import assert_close
 
 import compressm_mamba as cm
 from compressm_mamba import _optional
-from compressm_mamba.models.adapters import find_mixers
+from compressm_mamba.models.registry import find_mixers
 from compressm_mamba.cut.surgery import apply_cuts
 
 pytestmark = pytest.mark.requires_mamba_ssm
@@ -137,14 +137,12 @@ def test_mamba2_module_refuses_balanced(mamba_ssm):
     hidden = torch.randn(2, 10, 32)
     (adapter,) = find_mixers(torch.nn.ModuleDict({"mixer": module}))
     from compressm_mamba.cut.collect import GramianCollector
-    from compressm_mamba.cut.compress import decide_cuts, plans_for
+    from compressm_mamba.cut.compress import decide_cuts
 
     collector = GramianCollector([adapter])
     collector.add(adapter, hidden)
-    decisions = decide_cuts([adapter], collector.gramians(), cm.CompressConfig(mode="rank", rank=4,
-                                                                                reduction="balanced"))
     with pytest.raises(ValueError, match="Hugging Face Mamba2 mixers only"):
-        plans_for([adapter], decisions)
+        decide_cuts([adapter], collector.gramians(), cm.CompressConfig(mode="rank", rank=4, reduction="balanced"))
 
 
 def test_drop_in_mixer_for_mamba_ssm_equals_its_forward(mamba_ssm):

@@ -16,7 +16,7 @@ from helpers import random_ids, tiny_mamba
 
 import compressm_mamba as cm
 from compressm_mamba import persistence
-from compressm_mamba.models.adapters import find_mixers
+from compressm_mamba.models.registry import find_mixers
 from compressm_mamba.persistence import recover, save_pretrained_atomic, save_tensors_atomic, write_json_atomic
 from compressm_mamba.cut.state_sizes import load_safetensors_dir, resize_to_
 

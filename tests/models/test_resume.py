@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import compressm_mamba as cm  # noqa: E402
 from compressm_mamba.training.callback import REPORTS_FILE, STATE_FILE  # noqa: E402
-from compressm_mamba.models.adapters import find_mixers  # noqa: E402
+from compressm_mamba.models.registry import find_mixers  # noqa: E402
 from compressm_mamba.cut.state_sizes import (  # noqa: E402
     resize_for_state_dict_,
     resize_to_checkpoint_,

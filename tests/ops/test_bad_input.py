@@ -229,7 +229,7 @@ def test_fp16_inputs_accumulate_wider_than_fp16(estimator):
 @needs_transformers
 def test_collector_accumulates_fp16_batches_in_float64():
     from compressm_mamba.cut.collect import GramianCollector
-    from compressm_mamba.models.adapters import find_mixers
+    from compressm_mamba.models.registry import find_mixers
 
     adapter = find_mixers(tiny_mamba(state_size=4, hidden=16, layers=1))[0]
     collector = GramianCollector([adapter], "frozen")
@@ -253,7 +253,7 @@ def test_state_size_one():
     assert P.shape == Q.shape == (3, 1, 1) and (P >= 0).all() and (Q >= 0).all()
 
     import compressm_mamba as cm
-    from compressm_mamba.models.adapters import find_mixers
+    from compressm_mamba.models.registry import find_mixers
 
     model, ids = tiny_mamba(state_size=4, hidden=16), random_ids()
     report = cm.compress_(model, cm.CompressConfig(mode="rank", rank=1), [ids])
@@ -288,7 +288,7 @@ def test_left_padding_does_not_enter_the_gramians(kind):
     import compressm_mamba as cm
     from compressm_mamba.cut.collect import GramianCollector
     from compressm_mamba.cut.compress import run_calibration
-    from compressm_mamba.models.adapters import find_mixers
+    from compressm_mamba.models.registry import find_mixers
 
     long, short = random_ids(1, 16, seed=1), random_ids(1, 10, seed=2)
     padded = torch.cat([long, torch.cat([torch.zeros(1, 6, dtype=torch.long), short], dim=1)])
@@ -361,7 +361,7 @@ def test_bad_calibration_batches_are_named_and_the_model_untouched():
 @needs_transformers
 def test_collector_names_the_layer_for_a_bad_mixer_input():
     from compressm_mamba.cut.collect import GramianCollector
-    from compressm_mamba.models.adapters import find_mixers
+    from compressm_mamba.models.registry import find_mixers
 
     adapters = find_mixers(tiny_mamba(state_size=8, hidden=16))
     collector = GramianCollector(adapters)
