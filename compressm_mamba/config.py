@@ -44,7 +44,9 @@ class CompressConfig:
         min_state: never fewer states than this (default 1).
     Ranking:
         estimator: Gramian estimator, ``"mean_lti"`` | ``"frozen"`` | ``"ltv"`` (default).
-        importance: ``"balanced"`` (default) | ``"diagonal"``.
+        importance: ``"balanced"`` (default) | ``"diagonal"`` | ``"ghost"`` (GHOST's forward-pass
+            controllability × observability score, Menezes & Kyrillidis 2026: Σ_t h_t² c_t² per state;
+            costs one extra scan per calibration batch; ``reduction="select"`` only).
         keep: ``"largest"`` (the method) | ``"smallest"`` | ``"random"`` (ablations).
         reduction: ``"select"`` (keep state indices; all models) | ``"balanced"`` (project onto the
             r leading balanced directions; Mamba2 only).
@@ -134,6 +136,9 @@ class CompressConfig:
         positive_int("min_state")
         if not _is_int(self.seed):
             raise ValueError(f"CompressConfig.seed must be an integer, got {self.seed!r}")
+        if self.importance == "ghost" and self.reduction == "balanced":
+            raise ValueError("CompressConfig.importance='ghost' ranks state indices; it cannot drive "
+                             "reduction='balanced' (balanced directions are ranked by their HSVs)")
         if self.mode == "rank" and self.rank is None:
             raise ValueError("CompressConfig.rank must be set when mode='rank'")
         if self.mode == "rank" and self.rank < self.min_state:
