@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, environment  # noqa: E402
-from fidelity import RowWriter, read_rows, train  # noqa: E402
+from fidelity import read_rows, train  # noqa: E402
 
 from compressm_mamba import CompressConfig, compress_  # noqa: E402
 from compressm_mamba.app.mqar import MQARSpec, mqar_accuracy, mqar_splits  # noqa: E402
@@ -49,6 +49,40 @@ ARMS = ("a", "c", *(f"b-{t}" for t in TIMINGS), *(f"e-{t}" for t in TIMINGS), "g
 # 16 values: chance 1/16).  Sized so that a run is ~1 minute on one free CPU thread.
 DEFAULTS = dict(hidden=64, layers=2, n_big=64, rank=8, pairs=6, seq_len=48, vocab=32, steps=400, batch=16,
                 lr=1e-2, warmup=0.1, n_test=512, estimator="mean_lti", calibration_batches=8)
+
+
+class AppendWriter:
+    """Appends each finished run to ``path`` at once (header only for a new file): a cut-off run keeps what it
+    measured, and a restarted one (same --out) continues after the rows already there."""
+
+    def __init__(self, path, env, also_done=()):
+        self.path, self.env = path, env
+        self._new = not (os.path.exists(path) and os.path.getsize(path) > 0)
+        done_in = [p for p in (path, *also_done) if os.path.exists(p) and os.path.getsize(p) > 0]
+        self.done = {(int(r["seed"]), r["variant"]) for r in read_rows(done_in)}
+
+    def __call__(self, row):
+        import csv
+
+        full = {**row, **self.env}
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(full))
+            if self._new:
+                writer.writeheader()
+                self._new = False
+            writer.writerow(full)
+
+
+def claim(folder, arch, seed, arm) -> bool:
+    """True if this process may run the job: no ``folder``, or it created the job's claim file first."""
+    if folder is None:
+        return True
+    os.makedirs(folder, exist_ok=True)
+    try:
+        os.close(os.open(os.path.join(folder, f"{arch}_{seed}_{arm}"), os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
 
 
 def arm_config(arm: str, cfg: dict, seed: int) -> CompressConfig | None:
@@ -214,6 +248,10 @@ def main(argv=None):
     p.add_argument("--shard", default="0/1", help="k/n: run every n-th job from the k-th (two processes: 0/2, 1/2)")
     p.add_argument("--out", default=os.path.join(RESULTS, "recall"))
     p.add_argument("--merge", nargs="+", default=None, metavar="CSV")
+    p.add_argument("--claim-dir", default=None,
+                   help="processes sharing this folder each take the next job nobody has claimed (use --shard 0/1)")
+    p.add_argument("--skip-done-in", nargs="*", default=[], metavar="CSV",
+                   help="also skip the (seed, arm) runs these CSVs hold (a restart with another order or sharding)")
     for key, value in DEFAULTS.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     args = p.parse_args(argv)
@@ -226,7 +264,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown arms {sorted(unknown)}; known: {', '.join(ARMS)}")
     cfg = {k: getattr(args, k) for k in DEFAULTS}
-    emit = RowWriter(args.out + ".csv", environment(torch.device("cpu")))
+    emit = AppendWriter(args.out + ".csv", environment(torch.device("cpu")), args.skip_done_in)
     # Arm-major order (every seed of an arm before the next arm), so that a run cut off by the clock
     # leaves whole arms; d-* arms follow a at once (they cut its model).  --shard k/n: every n-th job.
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -234,6 +272,8 @@ def main(argv=None):
     jobs = [(seed, arm) for arm in trained for seed in seeds]
     k, n = (int(v) for v in args.shard.split("/"))
     for seed, arm in jobs[k::n]:
+        if (seed, arm) in emit.done or not claim(args.claim_dir, args.arch, seed, arm):
+            continue
         run(args.arch, seed, [arm] + ([a for a in arms if a.startswith("d-")] if arm == "a" else []), cfg, emit)
 
 
