@@ -43,7 +43,8 @@ class CompressConfig:
         gate: a layer is cut only if r < gate · N (default 0.95).
         min_state: never fewer states than this (default 1).
     Ranking:
-        estimator: Gramian estimator, ``"mean_lti"`` | ``"frozen"`` | ``"ltv"`` (default).
+        estimator: Gramian estimator, ``"mean_lti"`` (default: ranks states as well as ``"ltv"`` on the
+            byte LM and costs no scan; docs/DEFAULTS.md) | ``"frozen"`` | ``"ltv"``.
         importance: ``"balanced"`` (default) | ``"diagonal"`` | ``"ghost"`` (GHOST's forward-pass
             controllability × observability score, Menezes & Kyrillidis 2026: Σ_t h_t² c_t² per state;
             costs one extra scan per calibration batch; ``reduction="select"`` only).
@@ -75,7 +76,7 @@ class CompressConfig:
     fraction: float = 0.1
     rank: int | None = None
     rank_path: str = "geometric"
-    estimator: str = "ltv"
+    estimator: str = "mean_lti"
     importance: str = "balanced"
     keep: str = "largest"
     reduction: str = "select"

@@ -82,3 +82,18 @@ def test_accuracy_reads_the_answer_positions():
 
     acc, loss = mqar_accuracy(Oracle(), train)
     assert acc == 1.0 and loss < 1e-6
+
+
+def test_finetune_on_mqar_from_the_cli(tmp_path, capsys):
+    import json
+
+    from compressm_mamba.app.cli import main
+
+    out = tmp_path / "run"
+    assert main(["finetune", "--preset", "tiny", "--arch", "mamba2", "--data", "mqar", "--mqar-pairs", "2",
+                 "--mqar-vocab", "12", "--mqar-train", "8", "--seq-len", "16", "--out", str(out), "--steps", "4",
+                 "--batch-size", "2", "--mode", "rank", "--rank", "6", "--estimator", "mean_lti", "--attempts", "1",
+                 "--warmup-fraction", "0.5", "--calibration-batches", "1"]) == 0
+    assert "MQAR held-out accuracy" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 <= report["mqar_accuracy"] <= 1.0 and set(report["state_sizes_after"].values()) == {6}
