@@ -248,6 +248,7 @@ def main(argv=None):
     p.add_argument("--shard", default="0/1", help="k/n: run every n-th job from the k-th (two processes: 0/2, 1/2)")
     p.add_argument("--out", default=os.path.join(RESULTS, "recall"))
     p.add_argument("--merge", nargs="+", default=None, metavar="CSV")
+    p.add_argument("--order", default="arm", help="arm: every seed of an arm first | seed: every arm of a seed first")
     p.add_argument("--claim-dir", default=None,
                    help="processes sharing this folder each take the next job nobody has claimed (use --shard 0/1)")
     p.add_argument("--skip-done-in", nargs="*", default=[], metavar="CSV",
@@ -265,11 +266,12 @@ def main(argv=None):
         p.error(f"unknown arms {sorted(unknown)}; known: {', '.join(ARMS)}")
     cfg = {k: getattr(args, k) for k in DEFAULTS}
     emit = AppendWriter(args.out + ".csv", environment(torch.device("cpu")), args.skip_done_in)
-    # Arm-major order (every seed of an arm before the next arm), so that a run cut off by the clock
-    # leaves whole arms; d-* arms follow a at once (they cut its model).  --shard k/n: every n-th job.
+    # Arm-major order by default (every seed of an arm before the next arm), so that a run cut off by
+    # the clock leaves whole arms; d-* arms follow a at once (they cut its model).  --shard k/n: every n-th job.
     seeds = [int(s) for s in args.seeds.split(",")]
     trained = [a for a in arms if not a.startswith("d-")]
-    jobs = [(seed, arm) for arm in trained for seed in seeds]
+    jobs = ([(seed, arm) for arm in trained for seed in seeds] if args.order == "arm"
+            else [(seed, arm) for seed in seeds for arm in trained])
     k, n = (int(v) for v in args.shard.split("/"))
     for seed, arm in jobs[k::n]:
         if (seed, arm) in emit.done or not claim(args.claim_dir, args.arch, seed, arm):
