@@ -11,6 +11,9 @@ same seed (init, data order, held-out set) and step budget through the project's
               first 10 / 20 / 30 % of the steps (``warmup_fraction``)
   b-stable    the stable schedule: cut once the kept set stops moving (Jaccard ≥ 0.9), at 50 % at the latest
   e-10 … e-stable    as b-*, keeping random states (the control for "trained longer at the big N")
+  e-match     random states, one cut at the step where b-stable cut for the same seed (--match-steps):
+              e-stable is no timing control, because a random kept set never moves between attempts, so
+              the stable schedule cuts it at its second attempt
   g-30        as b-30, ranking states by GHOST's forward-pass score (importance="ghost")
   d-hsv, d-ghost, d-random   the model of (a) cut post hoc to r (no retraining); run right after a
 
@@ -44,7 +47,8 @@ from compressm_mamba.models.adapters import find_mixers  # noqa: E402
 
 TIMINGS = {"10": dict(warmup_fraction=0.1), "20": dict(warmup_fraction=0.2), "30": dict(warmup_fraction=0.3),
            "stable": dict(warmup_fraction=0.1, schedule="stable", stable_jaccard=0.9, stable_latest_fraction=0.5)}
-ARMS = ("a", "c", *(f"b-{t}" for t in TIMINGS), *(f"e-{t}" for t in TIMINGS), "g-30", "d-hsv", "d-ghost", "d-random")
+ARMS = ("a", "c", *(f"b-{t}" for t in TIMINGS), *(f"e-{t}" for t in TIMINGS), "e-match", "g-30", "d-hsv", "d-ghost",
+        "d-random")
 # The set-up: 2 layers, d_model 64; N 64 -> 8.  MQAR with 6 pairs in 48 tokens, 31 tokens (15 keys,
 # 16 values: chance 1/16).  Sized so that a run is ~1 minute on one free CPU thread.
 DEFAULTS = dict(hidden=64, layers=2, n_big=64, rank=8, pairs=6, seq_len=48, vocab=32, steps=400, batch=16,
@@ -89,6 +93,11 @@ def arm_config(arm: str, cfg: dict, seed: int) -> CompressConfig | None:
     """The CompressConfig of an in-training arm (None for a and c)."""
     if arm in ("a", "c") or arm.startswith("d-"):
         return None
+    if arm == "e-match":  # one random cut straight to r at the step b-stable cut at for this seed
+        step = cfg["match_steps"][seed]
+        return CompressConfig(mode="rank", rank=cfg["rank"], estimator=cfg["estimator"], attempts=1, keep="random",
+                              calibration_batches=cfg["calibration_batches"], seed=seed,
+                              warmup_fraction=step / cfg["steps"])
     letter, timing = arm.split("-", 1)
     kw = dict(mode="rank", rank=cfg["rank"], estimator=cfg["estimator"], attempts=4,
               calibration_batches=cfg["calibration_batches"], seed=seed, **TIMINGS[timing])
@@ -156,6 +165,7 @@ PAIRS = (("a", "c", "the gap: N_big throughout vs N=r from scratch"),
          *((f"b-{t}", f"e-{t}", f"HSV-ranked vs random states, same timing ({t})") for t in TIMINGS),
          *((f"e-{t}", "c", f"random states ({t}) vs small from scratch") for t in TIMINGS),
          ("b-30", "b-10", "cut over 30 % vs over 10 %"), ("b-stable", "b-10", "stable vs 10 %"),
+         ("b-stable", "e-match", "HSV vs random, one cut at b-stable's step"), ("e-match", "c", "random at b-stable's step vs scratch"),
          ("g-30", "b-30", "GHOST vs HSV in training (30 %)"), ("g-30", "c", "GHOST in training vs from scratch"),
          ("d-hsv", "d-random", "post hoc: HSV vs random"), ("d-ghost", "d-hsv", "post hoc: GHOST vs HSV"),
          ("b-10", "a", "compressed (10 %) vs never compressed"), ("b-30", "a", "compressed (30 %) vs never compressed"))
@@ -248,6 +258,7 @@ def main(argv=None):
     p.add_argument("--shard", default="0/1", help="k/n: run every n-th job from the k-th (two processes: 0/2, 1/2)")
     p.add_argument("--out", default=os.path.join(RESULTS, "recall"))
     p.add_argument("--merge", nargs="+", default=None, metavar="CSV")
+    p.add_argument("--match-steps", default="", help="e-match: SEED:STEP,... (b-stable's cut step per seed)")
     p.add_argument("--order", default="arm", help="arm: every seed of an arm first | seed: every arm of a seed first")
     p.add_argument("--claim-dir", default=None,
                    help="processes sharing this folder each take the next job nobody has claimed (use --shard 0/1)")
@@ -265,6 +276,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown arms {sorted(unknown)}; known: {', '.join(ARMS)}")
     cfg = {k: getattr(args, k) for k in DEFAULTS}
+    cfg["match_steps"] = {int(k): int(v) for k, v in (x.split(":") for x in args.match_steps.split(",") if x)}
     emit = AppendWriter(args.out + ".csv", environment(torch.device("cpu")), args.skip_done_in)
     # Arm-major order by default (every seed of an arm before the next arm), so that a run cut off by
     # the clock leaves whole arms; d-* arms follow a at once (they cut its model).  --shard k/n: every n-th job.
