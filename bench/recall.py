@@ -249,6 +249,34 @@ def write_report(rows, stem):
     print(open(stem + ".md").read())
 
 
+def speed(arch: str, cfg: dict, reps: int = 20) -> dict:
+    """Seconds per training step (forward + backward + AdamW) at N = n_big and N = rank, measured interleaved
+    (one step of each in turn, median of ``reps``) so that load from other jobs hits both alike."""
+    spec = MQARSpec(cfg["pairs"], cfg["seq_len"], cfg["vocab"])
+    ids, labels = mqar_splits(cfg["batch"], 1, spec, 0)[0][:].values()
+    ids, labels = torch.tensor(ids), torch.tensor(labels)
+    models = {}
+    for N in (cfg["n_big"], cfg["rank"]):
+        model = build_model("demo", spec.vocab, arch=arch, seed=0, state_size=N, hidden_size=cfg["hidden"],
+                            num_hidden_layers=cfg["layers"])
+        try:
+            from compressm_mamba import replace_mixers_
+
+            replace_mixers_(model, backend="auto")  # as in training (Mamba1: the drop-in mixer)
+        except TypeError:
+            pass
+        models[N] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    times = {N: [] for N in models}
+    for _ in range(reps + 2):
+        for N, (model, opt) in models.items():
+            t0 = time.perf_counter()
+            model(ids, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times[N].append(time.perf_counter() - t0)
+    return {N: statistics.median(t[2:]) for N, t in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="mamba2")
@@ -258,6 +286,7 @@ def main(argv=None):
     p.add_argument("--shard", default="0/1", help="k/n: run every n-th job from the k-th (two processes: 0/2, 1/2)")
     p.add_argument("--out", default=os.path.join(RESULTS, "recall"))
     p.add_argument("--merge", nargs="+", default=None, metavar="CSV")
+    p.add_argument("--speed", action="store_true", help="only time training steps at n_big and rank, interleaved")
     p.add_argument("--match-steps", default="", help="e-match: SEED:STEP,... (b-stable's cut step per seed)")
     p.add_argument("--order", default="arm", help="arm: every seed of an arm first | seed: every arm of a seed first")
     p.add_argument("--claim-dir", default=None,
@@ -271,6 +300,18 @@ def main(argv=None):
         write_report(read_rows(args.merge), args.out)
         return
     torch.set_num_threads(args.threads)
+    if args.speed:
+        cfg = {k: getattr(args, k) for k in DEFAULTS}
+        env = environment(torch.device("cpu"))
+        with open(args.out + "_speed.md", "a") as f:
+            for arch in args.arch.split(","):
+                t = speed(arch, cfg)
+                line = (f"- {arch}: s per training step (batch {cfg['batch']} × {cfg['seq_len']}), interleaved, median of "
+                        f"20: N={cfg['n_big']} {t[cfg['n_big']]:.4f}, N={cfg['rank']} {t[cfg['rank']]:.4f}, ratio "
+                        f"{t[cfg['n_big']] / t[cfg['rank']]:.2f}x — {env['device']}, git {env['git']}, {env['date']}\n")
+                print(line, end="")
+                f.write(line)
+        return
     arms = args.arms.split(",")
     unknown = set(arms) - set(ARMS)
     if unknown:
