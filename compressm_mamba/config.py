@@ -52,7 +52,8 @@ class CompressConfig:
         reduction: ``"select"`` (keep state indices; all models) | ``"balanced"`` (project onto the
             r leading balanced directions; Mamba2 only).
     Schedule (the callback):
-        warmup_fraction: attempts happen inside the first this fraction of max_steps (default 0.1).
+        warmup_fraction: attempts happen inside the first this fraction of max_steps (default 0.3: cuts
+            inside the paper's 10 % land before the state ranking has settled; docs/DEFAULTS.md).
         attempts: number of reduction attempts (default 4), equally spaced.
         calibration_batches: Gramians are accumulated over this many batches before each attempt (8).
         schedule: ``"warmup"`` — cut at every attempt; ``"stable"`` — cut once the kept set has stopped
@@ -80,7 +81,7 @@ class CompressConfig:
     importance: str = "balanced"
     keep: str = "largest"
     reduction: str = "select"
-    warmup_fraction: float = 0.1
+    warmup_fraction: float = 0.3
     attempts: int = 4
     calibration_batches: int = 8
     min_state: int = 1
