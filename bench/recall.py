@@ -43,7 +43,7 @@ from compressm_mamba import CompressConfig, compress_  # noqa: E402
 from compressm_mamba.app.mqar import MQARSpec, mqar_accuracy, mqar_splits  # noqa: E402
 from compressm_mamba.app.train import build_model  # noqa: E402
 from compressm_mamba.cut.state_sizes import resize_to_  # noqa: E402
-from compressm_mamba.models.adapters import find_mixers  # noqa: E402
+from compressm_mamba.models.registry import find_mixers  # noqa: E402
 
 TIMINGS = {"10": dict(warmup_fraction=0.1), "20": dict(warmup_fraction=0.2), "30": dict(warmup_fraction=0.3),
            "stable": dict(warmup_fraction=0.1, schedule="stable", stable_jaccard=0.9, stable_latest_fraction=0.5)}

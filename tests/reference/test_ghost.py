@@ -61,7 +61,7 @@ def test_compress_with_ghost_importance_cuts_and_uses_the_scan(arch):
     from compressm_mamba import CompressConfig, compress_
     from compressm_mamba.app.train import build_model
     from compressm_mamba.cut.collect import GramianCollector
-    from compressm_mamba.models.adapters import find_mixers
+    from compressm_mamba.models.registry import find_mixers
 
     model = build_model("tiny", 16, arch=arch, seed=0)
     ids = torch.randint(0, 16, (2, 12), generator=torch.Generator().manual_seed(0))
