@@ -3,7 +3,7 @@
     python bench/fidelity.py --quick        # a smoke-sized run (minutes on 2 CPU cores)
     python bench/fidelity.py                # the full run: both tasks, Mamba1 and Mamba2, 3 seeds
 
-For each task (``lm``: byte-level language modelling of CPython's standard library, contexts of
+For each task (``mqar``, on request: associative recall, see bench/recall.py; ``lm``: byte-level language modelling of CPython's standard library, contexts of
 ``--seq-len`` bytes, metric bits per byte on held-out bytes, lower is better; ``digits``: sklearn
 digits read pixel by pixel, metric test accuracy) and each architecture, with the same model, data
 and step budget, every variant is trained from the same seed:
@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, environment  # noqa: E402
 
 from compressm_mamba import CompressConfig, CompreSSMCallback, compress_  # noqa: E402
+from compressm_mamba.app.mqar import MQARSpec, mqar_accuracy, mqar_splits  # noqa: E402
 from compressm_mamba.app.data import DIGITS_CLASS0, DIGITS_VOCAB, byte_lm_dataset, digits_dataset, stdlib_bytes  # noqa: E402
 from compressm_mamba.models.registry import find_mixers  # noqa: E402
 from compressm_mamba.cut.state_sizes import resize_to_  # noqa: E402
@@ -48,9 +49,9 @@ VARIANTS = ("a", "b-tau", "b-rank", "c-tau", "c-rank", "d", "e-random", "e-small
 # learned something (METHOD.md §8); at lr 3e-3 with a 10 % warm-up it was still at ~4.2 there.
 MODES = {
     "quick": dict(tasks=("lm", "digits"), archs=("mamba", "mamba2"), seeds=(0,), steps=40, seq_len=128,
-                  train_bytes=200_000, eval_bytes=16_384, batch=dict(lm=4, digits=8), lr=1e-2, warmup=0.025),
+                  train_bytes=200_000, eval_bytes=16_384, batch=dict(lm=4, digits=8, mqar=16), lr=1e-2, warmup=0.025),
     "full": dict(tasks=("lm", "digits"), archs=("mamba", "mamba2"), seeds=(0, 1, 2), steps=400, seq_len=512,
-                 train_bytes=2_000_000, eval_bytes=131_072, batch=dict(lm=4, digits=8), lr=1e-2, warmup=0.025),
+                 train_bytes=2_000_000, eval_bytes=131_072, batch=dict(lm=4, digits=8, mqar=16), lr=1e-2, warmup=0.025),
 }
 # Ablations of b-rank's choices, run only when asked for (--variants): the investigation of why (b)
 # does or does not beat (c).  balanced: Mamba2 only.
@@ -60,7 +61,16 @@ EXTRA_VARIANTS = {"b-rank-direct": dict(rank_path="direct"), "b-rank-ltv": dict(
 SETUP = ("steps", "seq_len", "batch", "lr", "estimator", "tau", "threads")
 
 
-def datasets_for(task, cfg):
+# MQAR (--tasks mqar): 6 key-value pairs in 48 tokens, vocabulary 32 (bench/recall.py's set-up); the
+# training set holds steps × batch fresh sequences, the held-out 512 come from another seed.
+MQAR_TASK = dict(pairs=6, seq_len=48, vocab=32, n_test=512)
+
+
+def datasets_for(task, cfg, seed=0):
+    if task == "mqar":
+        spec = MQARSpec(MQAR_TASK["pairs"], MQAR_TASK["seq_len"], MQAR_TASK["vocab"])
+        train, held_out = mqar_splits(cfg["steps"] * cfg["batch"]["mqar"], MQAR_TASK["n_test"], spec, seed)
+        return train, held_out, spec.vocab
     if task == "lm":
         train = byte_lm_dataset(stdlib_bytes(cfg["train_bytes"]), cfg["seq_len"])
         held_out = byte_lm_dataset(stdlib_bytes(cfg["eval_bytes"], offset=cfg["train_bytes"]), cfg["seq_len"])
@@ -70,7 +80,9 @@ def datasets_for(task, cfg):
 
 @torch.no_grad()
 def evaluate(model, task, held_out, batch=8):
-    """Bits per byte (lm) or accuracy (digits) on the held-out set."""
+    """Bits per byte (lm) or accuracy (digits; mqar: at the answer positions) on the held-out set."""
+    if task == "mqar":
+        return mqar_accuracy(model, held_out, batch=32)[0]
     model.eval()
     ids = torch.tensor(held_out["input_ids"])
     if task == "lm":
@@ -118,7 +130,7 @@ def train(model, train_set, cfg, seed, batch, config=None, extra_callbacks=()):
 
 def run_cell(task, arch, seed, cfg, estimator, tau, variants, emit):
     """All variants for one (task, arch, seed); ``emit(row)`` is called as each run finishes."""
-    train_set, held_out, vocab = datasets_for(task, cfg)
+    train_set, held_out, vocab = datasets_for(task, cfg, seed)
     batch = cfg["batch"][task]
     setup = dict(steps=cfg["steps"], seq_len=len(train_set[0]["input_ids"]), batch=batch, lr=cfg["lr"],
                  estimator=estimator, tau=tau, threads=torch.get_num_threads())
@@ -305,7 +317,8 @@ def read_rows(paths):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tasks", default=None, help="comma list: lm,digits")
+    parser.add_argument("--tasks", default=None, help="comma list: lm,digits,mqar (mqar: associative recall, "
+                        "accuracy at the answer positions; bench/recall.py runs the full MQAR study)")
     parser.add_argument("--archs", default=None, help="comma list: mamba,mamba2")
     parser.add_argument("--seeds", default=None, help="comma list of seeds")
     parser.add_argument("--steps", type=int, default=None)

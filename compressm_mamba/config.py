@@ -43,13 +43,17 @@ class CompressConfig:
         gate: a layer is cut only if r < gate · N (default 0.95).
         min_state: never fewer states than this (default 1).
     Ranking:
-        estimator: Gramian estimator, ``"mean_lti"`` | ``"frozen"`` | ``"ltv"`` (default).
-        importance: ``"balanced"`` (default) | ``"diagonal"``.
+        estimator: Gramian estimator, ``"mean_lti"`` (default: ranks states as well as ``"ltv"`` on the
+            byte LM and costs no scan; docs/DEFAULTS.md) | ``"frozen"`` | ``"ltv"``.
+        importance: ``"balanced"`` (default) | ``"diagonal"`` | ``"ghost"`` (GHOST's forward-pass
+            controllability × observability score, Menezes & Kyrillidis 2026: Σ_t h_t² c_t² per state;
+            costs one extra scan per calibration batch; ``reduction="select"`` only).
         keep: ``"largest"`` (the method) | ``"smallest"`` | ``"random"`` (ablations).
         reduction: ``"select"`` (keep state indices; all models) | ``"balanced"`` (project onto the
             r leading balanced directions; Mamba2 only).
     Schedule (the callback):
-        warmup_fraction: attempts happen inside the first this fraction of max_steps (default 0.1).
+        warmup_fraction: attempts happen inside the first this fraction of max_steps (default 0.3: cuts
+            inside the paper's 10 % land before the state ranking has settled; docs/DEFAULTS.md).
         attempts: number of reduction attempts (default 4), equally spaced.
         calibration_batches: Gramians are accumulated over this many batches before each attempt (8).
         schedule: ``"warmup"`` — cut at every attempt; ``"stable"`` — cut once the kept set has stopped
@@ -73,11 +77,11 @@ class CompressConfig:
     fraction: float = 0.1
     rank: int | None = None
     rank_path: str = "geometric"
-    estimator: str = "ltv"
+    estimator: str = "mean_lti"
     importance: str = "balanced"
     keep: str = "largest"
     reduction: str = "select"
-    warmup_fraction: float = 0.1
+    warmup_fraction: float = 0.3
     attempts: int = 4
     calibration_batches: int = 8
     min_state: int = 1
@@ -134,6 +138,9 @@ class CompressConfig:
         positive_int("min_state")
         if not _is_int(self.seed):
             raise ValueError(f"CompressConfig.seed must be an integer, got {self.seed!r}")
+        if self.importance == "ghost" and self.reduction == "balanced":
+            raise ValueError("CompressConfig.importance='ghost' ranks state indices; it cannot drive "
+                             "reduction='balanced' (balanced directions are ranked by their HSVs)")
         if self.mode == "rank" and self.rank is None:
             raise ValueError("CompressConfig.rank must be set when mode='rank'")
         if self.mode == "rank" and self.rank < self.min_state:

@@ -30,7 +30,7 @@ _HELP = {
     "rank": "rank mode: the state size N every layer is cut to (at most the layers' N)",
     "fraction": "fixed / pragmatic mode: fraction of N cut per attempt",
     "estimator": "Gramian estimator: mean_lti (cheap) | frozen | ltv (docs/METHOD.md §3)",
-    "importance": "per-state importance: balanced | diagonal",
+    "importance": "per-state importance: balanced | diagonal | ghost (GHOST's forward-pass score)",
     "keep": "which states: largest (the method) | smallest | random (ablations)",
     "reduction": "select (keep state indices) | balanced (Mamba2: balanced truncation)",
     "gate": "a layer is cut only if the new N < gate x N",
@@ -72,7 +72,7 @@ def _config(args, **extra):
 
 def _data_args(parser, *, default_data: str):
     parser.add_argument("--data", default=default_data,
-                        help="stdlib | digits | a text file (any name) | .json/.jsonl/.csv/.parquet file | a dataset "
+                        help="stdlib | digits | mqar (associative recall, --mqar-*) | a text file (any name) | .json/.jsonl/.csv/.parquet file | a dataset "
                              "folder (save_to_disk, or data files)")
     parser.add_argument("--text-column", default=None, help="the column holding the text (default: 'text', or the "
                                                             "only string column)")
@@ -121,6 +121,7 @@ def cmd_finetune(args) -> int:
         arch=args.arch, config=config, seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=args.lr, seed=args.seed, backend=args.backend, tokenizer=args.tokenizer,
         text_column=args.text_column, overwrite=args.overwrite,
+        mqar=dict(pairs=args.mqar_pairs, vocab=args.mqar_vocab, n=args.mqar_train) if args.data == "mqar" else None,
     )
     print(summary(result.report, result.plots, args.out))
     return 0
@@ -135,6 +136,8 @@ def summary(report: dict, plots: list, out: str) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
+    if report.get("mqar_accuracy") is not None:
+        lines.append(f"MQAR held-out accuracy {report['mqar_accuracy']:.3f} (answer positions, another seed)")
     if report["cut_step"] is not None:
         lines += [
             f"cut at step{'s' if len(report['cut_steps']) > 1 else ''} "
@@ -268,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine schedule)")
     p.add_argument("--backend", default="auto", help="Mamba1 scan backend: auto | torch | triton | reference")
     p.add_argument("--no-compress", action="store_true", help="train without the callback (a baseline)")
+    p.add_argument("--mqar-pairs", type=int, default=8, help="--data mqar: key-value pairs per sequence")
+    p.add_argument("--mqar-vocab", type=int, default=64, help="--data mqar: vocabulary (keys and values split it)")
+    p.add_argument("--mqar-train", type=int, default=4096, help="--data mqar: training sequences of --seq-len")
     _config_args(p, schedule=True)
     p.set_defaults(func=cmd_finetune)
 

@@ -3,6 +3,8 @@
 - ``stdlib``: CPython's standard-library sources (ships with Python), tokenized like any text.
 - ``digits``: scikit-learn's 8×8 digits read pixel by pixel (64 tokens of intensity 0..16), followed
   by a separator and the class token; already token ids (vocabulary 28), the loss on the class only.
+- ``mqar``: multi-query associative recall generated offline (``app.mqar``; knobs ``mqar=dict(pairs=,
+  vocab=, n=, seed=)``, length ``seq_len``); token ids, the loss on the answer positions only.
 - a text file of any name (UTF-8; read directly, ``datasets`` not needed), a ``.json`` / ``.jsonl`` /
   ``.csv`` / ``.parquet`` / ``.arrow`` file, a folder saved with ``save_to_disk``, or a folder of such
   data files — these through ``datasets`` (``pip install datasets``), taking the column ``text_column``
@@ -25,14 +27,15 @@ import torch
 
 __all__ = ["stdlib_bytes", "byte_lm_dataset", "digits_dataset", "load_dataset_spec", "TokenDataset", "pack",
            "byte_tokenizer", "load_tokenizer", "has_tokenizer", "read_texts", "DIGITS_VOCAB", "DIGITS_CLASS0",
-           "BUILTIN_DATA", "PRETOKENIZED", "DATASETS_SUFFIXES"]
+           "BUILTIN_DATA", "PRETOKENIZED", "DATASETS_SUFFIXES", "MQAR_DEFAULTS"]
 
-BUILTIN_DATA = ("stdlib", "digits")
+BUILTIN_DATA = ("stdlib", "digits", "mqar")
+MQAR_DEFAULTS = {"pairs": 8, "vocab": 64, "n": 4096, "seed": 0}  # --data mqar's knobs (app/mqar.py)
 DIGITS_SEP = 17
 DIGITS_CLASS0 = 18  # class k is token 18 + k
 DIGITS_VOCAB = 28
 # Built-in sets that are token ids already (no tokenizer): name -> vocabulary size a model needs.
-PRETOKENIZED = {"digits": DIGITS_VOCAB}
+PRETOKENIZED = {"digits": DIGITS_VOCAB, "mqar": MQAR_DEFAULTS["vocab"]}
 # File suffix -> the `datasets` builder that reads it; any other file is read as plain UTF-8 text.
 DATASETS_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
                      ".arrow": "arrow"}
@@ -320,7 +323,7 @@ def digits_dataset(split: str = "train", seed: int = 0):
 
 
 def load_dataset_spec(spec: str, seq_len: int, *, tokenizer=None, text_column: str | None = None,
-                      max_bytes: int = 2_000_000, offset: int = 0) -> TokenDataset:
+                      max_bytes: int = 2_000_000, offset: int = 0, mqar: dict | None = None) -> TokenDataset:
     """A packed training set from ``spec``: ``stdlib``, ``digits``, a file or a dataset folder.
 
     tokenizer: turns text into ids (default: ``byte_tokenizer()``); not used for ``digits`` and
@@ -329,6 +332,14 @@ def load_dataset_spec(spec: str, seq_len: int, *, tokenizer=None, text_column: s
     Raises FileNotFoundError for a missing path, ValueError for data it cannot use, ImportError
     naming the package to install.
     """
+    if spec == "mqar":
+        from .mqar import MQARSpec, mqar_tensors
+
+        k = {**MQAR_DEFAULTS, **(mqar or {})}
+        ids, labels = mqar_tensors(k["n"], MQARSpec(k["pairs"], seq_len, k["vocab"]), k["seed"])
+        return TokenDataset(ids, labels, summary=f"data mqar: {k['n']:,} sequences of {seq_len} token ids, {k['pairs']} "
+                                                 f"key-value pairs each (vocabulary {k['vocab']}, seed {k['seed']}), "
+                                                 "loss on the answers")
     if spec == "digits":
         inputs, labels = _digits_rows("train", 0)
         return TokenDataset(torch.tensor(inputs), torch.tensor(labels),

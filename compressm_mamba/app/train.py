@@ -32,8 +32,9 @@ PRESETS = {
 
 
 def build_model(preset: str, vocab_size: int, *, arch: str = "mamba", state_size: int | None = None, seed: int = 0,
-                special_ids: dict | None = None):
-    """A freshly initialised ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` of a size preset.
+                special_ids: dict | None = None, hidden_size: int | None = None, num_hidden_layers: int | None = None):
+    """A freshly initialised ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` of a size preset (``state_size``,
+    ``hidden_size``, ``num_hidden_layers`` override the preset's).
 
     special_ids: ``pad_token_id`` / ``bos_token_id`` / ``eos_token_id`` (default 0 each: the byte
     tokenizer's NUL), e.g. from the tokenizer the model will be trained with.
@@ -45,8 +46,9 @@ def build_model(preset: str, vocab_size: int, *, arch: str = "mamba", state_size
     if arch not in ("mamba", "mamba2"):
         raise ValueError(f"unknown architecture {arch!r}; use 'mamba' or 'mamba2'")
     size = dict(PRESETS[preset])
-    if state_size is not None:
-        size["state_size"] = state_size
+    for key, value in (("state_size", state_size), ("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers)):
+        if value is not None:
+            size[key] = value
     torch.manual_seed(seed)
     ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}
     ids.update({k: v for k, v in (special_ids or {}).items() if v is not None})
@@ -134,6 +136,7 @@ def finetune(
     tokenizer=None,
     text_column: str | None = None,
     overwrite: bool = False,
+    mqar: dict | None = None,
 ) -> FinetuneResult:
     """Train ``preset`` (or fine-tune ``checkpoint``) on ``data`` with ``CompreSSMCallback(config)``.
 
@@ -142,7 +145,8 @@ def finetune(
     (default: the checkpoint's own; bytes for a preset).  text_column: the column of a table or
     dataset holding the text (``data.read_texts``).  ``out`` must be new or empty unless
     ``overwrite``, and never the checkpoint read.  Returns the output folder, the report dict and
-    the plot paths.
+    the plot paths.  ``mqar``: the knobs of ``data="mqar"`` (pairs, vocab, n; ``data.MQAR_DEFAULTS``); the
+    report then holds the held-out recall accuracy (512 sequences from another seed).
     """
     from transformers import Trainer, TrainingArguments, logging as hf_logging
 
@@ -151,7 +155,7 @@ def finetune(
     from ..models.drop_in import replace_mixers_
     from ..persistence import check_output_dir, save_pretrained_atomic, write_json_atomic
     from ..training.callback import CompreSSMCallback
-    from .data import PRETOKENIZED, load_dataset_spec
+    from .data import MQAR_DEFAULTS, PRETOKENIZED, load_dataset_spec
 
     say = (lambda *a: None) if quiet else print
     if checkpoint is not None and not os.path.isdir(checkpoint):
@@ -161,12 +165,14 @@ def finetune(
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     hf_logging.set_verbosity_error()
     tokenizer = resolve_tokenizer(tokenizer, checkpoint, data)
-    dataset = load_dataset_spec(data, seq_len, tokenizer=tokenizer, text_column=text_column, max_bytes=max_bytes)
+    mqar = {**MQAR_DEFAULTS, **(mqar or {}), "seed": seed} if data == "mqar" else None
+    dataset = load_dataset_spec(data, seq_len, tokenizer=tokenizer, text_column=text_column, max_bytes=max_bytes,
+                                mqar=mqar)
     say(dataset.summary)
     if checkpoint is not None:
         model = from_pretrained(checkpoint)
     else:
-        vocab = PRETOKENIZED[data] if tokenizer is None else len(tokenizer)
+        vocab = (mqar["vocab"] if mqar else PRETOKENIZED[data]) if tokenizer is None else len(tokenizer)
         special = {} if tokenizer is None else {k: getattr(tokenizer, k, None)
                                                 for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
         model = build_model(preset, vocab, arch=arch, seed=seed, special_ids=special)
@@ -216,6 +222,11 @@ def finetune(
         "history": [e for e in history if "loss" in e],
         "step_times": timing.steps,
     }
+    if mqar:
+        from .mqar import HELD_OUT_SEED_OFFSET, MQARSpec, mqar_accuracy, mqar_dataset
+
+        held_out = mqar_dataset(512, MQARSpec(mqar["pairs"], seq_len, mqar["vocab"]), seed + HELD_OUT_SEED_OFFSET)
+        report["mqar_accuracy"], report["mqar_held_out_loss"] = mqar_accuracy(model, held_out)
     os.makedirs(out, exist_ok=True)
     # safetensors + config + tokenizer + generation config, renamed into place: a complete checkpoint
     save_pretrained_atomic(model, os.path.join(out, "model"), tokenizer=tokenizer)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.gramians import gramian_sums
+from ..reference.ghost import ghost_sums
 from ..reference.gramians import GramianStatistics, gramians_from_statistics
 
 __all__ = ["GramianCollector"]
@@ -33,13 +34,17 @@ class GramianCollector:
     Args:
         adapters: from ``mixers.find_mixers(model)``.
         estimator: ``"mean_lti"`` | ``"frozen"`` | ``"ltv"``.
+        ghost: also sum GHOST's state score (``reference.ghost``; importance="ghost"), which needs the
+            layer's scan input: every mixer is then hooked and its system recomputed (no sink).
     """
 
-    def __init__(self, adapters: list, estimator: str = "ltv", backend: str = "auto"):
+    def __init__(self, adapters: list, estimator: str = "ltv", backend: str = "auto", ghost: bool = False):
         self.adapters = adapters
         self.estimator = estimator
         self.backend = backend
+        self.ghost = ghost
         self.stats: dict = {}  # layer name -> GramianStatistics
+        self.ghost_stats: dict = {}  # layer name -> (channels, N) float64 GHOST sums (ghost=True)
         self.batches = 0
         self._handles = []
 
@@ -47,7 +52,7 @@ class GramianCollector:
         if self._handles:
             return self
         for adapter in self.adapters:
-            if hasattr(adapter.module, "gramian_sink"):
+            if hasattr(adapter.module, "gramian_sink") and not self.ghost:
                 adapter.module.gramian_sink = self._make_sink(adapter)
                 self._handles.append(_SinkHandle(adapter.module))
             else:
@@ -63,6 +68,7 @@ class GramianCollector:
 
     def reset(self) -> None:
         self.stats = {}
+        self.ghost_stats = {}
         self.batches = 0
 
     def __enter__(self):
@@ -96,7 +102,14 @@ class GramianCollector:
     def add(self, adapter, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Add one batch of ``adapter``'s mixer input (batch, L, hidden) to its statistics."""
         _check_mixer_input(adapter, hidden_states, attention_mask)
-        delta, A, B, C = adapter.ssm_inputs(hidden_states, attention_mask)
+        if self.ghost:
+            delta, A, B, C, x = adapter.ssm_inputs(hidden_states, attention_mask, with_x=True)
+            mask = None if attention_mask is None else attention_mask.bool()
+            score = ghost_sums(delta, A, B, C, x, mask=mask).double()
+            previous = self.ghost_stats.get(adapter.name)
+            self.ghost_stats[adapter.name] = score if previous is None else previous + score
+        else:
+            delta, A, B, C = adapter.ssm_inputs(hidden_states, attention_mask)
         self.add_system(adapter, delta, A, B, C, attention_mask)
 
     @torch.no_grad()
@@ -113,8 +126,11 @@ class GramianCollector:
 
     def all_reduce(self) -> "GramianCollector":
         """Replace this rank's statistics by their sums over all ranks (a collective; no-op in one process)."""
-        from ..training.distributed import all_reduce_statistics
+        from ..training.distributed import all_reduce_statistics, is_distributed
 
+        if self.ghost and is_distributed():
+            raise NotImplementedError("importance='ghost' is not supported under data parallelism yet: its "
+                                      "per-state sums are not all-reduced; use 'balanced' or 'diagonal'")
         self.stats = all_reduce_statistics(self.stats, self.adapters, self.estimator)
         return self
 
@@ -126,6 +142,9 @@ class GramianCollector:
             metadata[f"count/{name}"] = str(int(s.count))
             for key, value in s.sums.items():
                 tensors[f"stats/{name}/{key}"] = value.detach().to(torch.float64).cpu().contiguous()
+        if stats is self.stats:
+            for name, value in self.ghost_stats.items():
+                tensors[f"ghost/{name}"] = value.detach().to(torch.float64).cpu().contiguous()
         return tensors, metadata
 
     def load_state_tensors(self, tensors: dict, metadata: dict) -> None:
@@ -145,6 +164,7 @@ class GramianCollector:
                                      f"{adapter.channels} channels of N={adapter.state_size}")
             stats[adapter.name] = GramianStatistics(self.estimator, int(count), sums)
         self.stats = stats
+        self.ghost_stats = {k[len("ghost/"):]: v for k, v in tensors.items() if k.startswith("ghost/")}
         self.batches = int(metadata.get("batches", 0))
 
     def gramians(self) -> dict:
@@ -156,6 +176,15 @@ class GramianCollector:
                 "or did not run through the model"
             )
         return {name: gramians_from_statistics(s) for name, s in self.stats.items()}
+
+    def ghost_scores(self) -> dict:
+        """{layer name: (channels, N) float64 GHOST sums}.  Raises if not collected or a layer saw no tokens."""
+        if not self.ghost:
+            raise ValueError("GHOST sums were not collected: build the collector with ghost=True")
+        missing = [a.name for a in self.adapters if a.name not in self.ghost_stats]
+        if missing:
+            raise ValueError(f"no calibration tokens reached {', '.join(missing)} (GHOST sums)")
+        return dict(self.ghost_stats)
 
 
 def _check_mixer_input(adapter, hidden_states, attention_mask) -> None:

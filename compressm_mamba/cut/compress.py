@@ -134,7 +134,8 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def decide_cuts(adapters: list, gramians: dict, config: CompressConfig, targets: dict | None = None) -> list:
+def decide_cuts(adapters: list, gramians: dict, config: CompressConfig, targets: dict | None = None,
+                ghost: dict | None = None) -> list:
     """Choose, per layer, how many and which states to keep (METHOD.md §5–6).
 
     gramians: {layer name: (P, Q)}, each (channels, N, N).  Groups (Mamba2) get one spectrum each;
@@ -142,8 +143,13 @@ def decide_cuts(adapters: list, gramians: dict, config: CompressConfig, targets:
     ``reduction="balanced"`` (Mamba2) the spectrum is the HSVs of the group's summed Gramians and the
     kept states are its r leading balanced directions.  Raises ValueError naming the layer for
     non-finite Gramians or an impossible rank.  ``targets`` ({layer name: r}, ``mode="rank"`` only)
-    overrides ``config.rank`` per layer — the callback's geometric path to ``rank``.
+    overrides ``config.rank`` per layer — the callback's geometric path to ``rank``.  ``ghost``
+    ({layer name: (channels, N)} GHOST sums, ``GramianCollector.ghost_scores()``) is needed for
+    ``importance="ghost"``.
     """
+    if config.importance == "ghost" and ghost is None:
+        raise ValueError("importance='ghost' needs the GHOST sums of a forward scan: collect with "
+                         "GramianCollector(..., ghost=True) and pass ghost=collector.ghost_scores()")
     generator = torch.Generator().manual_seed(config.seed)
     decisions = []
     for adapter in adapters:
@@ -167,7 +173,8 @@ def decide_cuts(adapters: list, gramians: dict, config: CompressConfig, targets:
             per_group = adapter.channels // G
             groups = [slice(g * per_group, (g + 1) * per_group) for g in range(G)]
             importance = torch.stack(
-                [state_importance(P[grp], Q[grp], config.importance, name=adapter.name) for grp in groups]
+                [state_importance(P[grp], Q[grp], config.importance, name=adapter.name,
+                                  ghost=None if ghost is None else ghost[adapter.name][grp]) for grp in groups]
             )
         try:
             r = max(
@@ -321,10 +328,11 @@ def compress_(model: nn.Module, config: CompressConfig, calibration, *, optimize
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be a callable (name, module) -> bool, got {type(filter_fn).__name__}")
     adapters = find_mixers(model, filter_fn if filter_fn is not None else config.layers)
-    collector = GramianCollector(adapters, config.estimator)
+    collector = GramianCollector(adapters, config.estimator, ghost=config.importance == "ghost")
     if run_calibration(model, calibration, collector) == 0:
         raise ValueError("calibration is empty: compress_ needs at least one batch")
-    decisions = decide_cuts(adapters, collector.gramians(), config)
+    decisions = decide_cuts(adapters, collector.gramians(), config,
+                            ghost=collector.ghost_scores() if collector.ghost else None)
     cut_model_(model, adapters, decisions, optimizer)
     logger.info("compress_: %s Gramians over %d calibration batches", config.estimator, collector.batches)
     for d in decisions:

@@ -7,11 +7,13 @@ Scans       ``selective_scan`` (mamba_ssm's selective_scan_fn layout), ``selecti
 Gramians    ``gramians`` for the estimators ``mean_lti``, ``frozen``, ``ltv``; ``gramian_statistics``
             / ``gramians_from_statistics`` for accumulation over batches.
 HSVs        ``hankel_singular_values``, ``balanced_transform`` (square-root method, float64).
+GHOST       ``ghost_sums`` (the forward-pass state score of Menezes & Kyrillidis 2026).
 Selection   ``state_importance``, ``choose_rank``, ``select_states``, ``reduce_selective_ssm``.
 """
 
 from .balancing import balanced_transform, check_gramians, gramian_factor, hankel_factors, hankel_singular_values
 from .gramians import ESTIMATORS, GramianStatistics, gramian_statistics, gramians, gramians_from_statistics
+from .ghost import ghost_sums
 from .selection import (
     IMPORTANCE_RULES,
     KEEP_RULES,
@@ -38,6 +40,7 @@ __all__ = [
     "hankel_factors",
     "hankel_singular_values",
     "balanced_transform",
+    "ghost_sums",
     "IMPORTANCE_RULES",
     "RANK_MODES",
     "KEEP_RULES",

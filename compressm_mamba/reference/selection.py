@@ -8,6 +8,10 @@ per layer.  Each state i gets one importance number per layer:
 - ``balanced``: the Hankel energy state i carries,
       s_i = Σ_d Σ_k σ_{d,k} |T_d[i,k] T_d⁻¹[k,i]| = Σ_d Σ_k |(L_P V)_{ik} (L_Q U)_{ik}|
   (the σ factors cancel, so no division by small HSVs).
+- ``ghost``: GHOST's controllability × observability score from forward passes (Menezes &
+  Kyrillidis 2026; ``reference.ghost``): s_i = Σ_d Σ_t Σ_p h_t[d, i, p]² c_t[i]² over calibration
+  tokens.  It needs the states' sums collected by a scan (``GramianCollector(ghost=True)``), not the
+  Gramians: pass them as ``ghost=`` (dim, N).
 
 ``choose_rank`` turns the importance spectrum into a kept size r, ``select_states`` into indices.
 """
@@ -30,20 +34,30 @@ __all__ = [
     "reduce_selective_ssm",
 ]
 
-IMPORTANCE_RULES = ("balanced", "diagonal")
+IMPORTANCE_RULES = ("balanced", "diagonal", "ghost")
 RANK_MODES = ("tolerance", "fixed", "rank")
 KEEP_RULES = ("largest", "smallest", "random")
 
 
 def state_importance(
-    P: torch.Tensor, Q: torch.Tensor, rule: str = "balanced", *, name: str | None = None
+    P: torch.Tensor | None, Q: torch.Tensor | None, rule: str = "balanced", *, name: str | None = None,
+    ghost: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance of each state index, summed over the layer's channels.
 
-    P, Q: (dim, N, N) Gramians.  Returns (N,) float64, non-negative.
+    P, Q: (dim, N, N) Gramians (unused by ``ghost``); ghost: (dim, N) GHOST sums (``ghost`` only).
+    Returns (N,) float64, non-negative.
     """
     if rule not in IMPORTANCE_RULES:
         raise ValueError(f"importance rule must be one of {IMPORTANCE_RULES}, got {rule!r}")
+    if rule == "ghost":
+        where = f"{name}: " if name else ""
+        if ghost is None or ghost.dim() != 2:
+            raise ValueError(f"{where}importance='ghost' needs the (dim, N) GHOST sums of a forward scan "
+                             f"(GramianCollector(ghost=True)), got {None if ghost is None else tuple(ghost.shape)}")
+        if not torch.isfinite(ghost).all():
+            raise ValueError(f"{where}GHOST sums contain NaN/inf; has the model diverged?")
+        return ghost.to(torch.float64).clamp_min(0).sum(0)
     if rule == "diagonal":
         check_gramians(P, Q, name=name)
         diag_P = torch.diagonal(P.to(torch.float64), dim1=-2, dim2=-1).clamp_min(0)

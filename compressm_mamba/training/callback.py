@@ -209,7 +209,8 @@ class CompreSSMCallback(TrainerCallback):
         self._adapters = find_mixers(model, self.config.layers)  # TypeError for a model without supported mixers
         if self.fast_scan:
             self._use_fast_scan(model)
-        self._collector = GramianCollector(self._adapters, self.config.estimator)
+        self._collector = GramianCollector(self._adapters, self.config.estimator,
+                                           ghost=self.config.importance == "ghost")
         self._window = None
         self.steps = attempt_steps(self.config, state.max_steps)
         if self.config.mode == "pragmatic" and self.metric_fn is None and self.eval_data is None:
@@ -218,6 +219,9 @@ class CompreSSMCallback(TrainerCallback):
                 "(e.g. trainer.get_eval_dataloader()) to CompreSSMCallback"
             )
         self._ddp = None
+        if distributed.is_distributed() and self.config.importance == "ghost":
+            raise NotImplementedError("CompreSSMCallback: importance='ghost' is not supported under data "
+                                      "parallelism yet (its per-state sums are not all-reduced)")
         if distributed.is_distributed():
             self._ddp = distributed.find_ddp(model)
             if self._ddp is None:
@@ -345,7 +349,7 @@ class CompreSSMCallback(TrainerCallback):
         if window and window in self.steps and not self.stopped and distributed.rank() == 0:
             # Under DDP only rank 0 carries the (already all-reduced) partial sums: the next
             # all-reduce adds the other ranks' new batches to them.
-            self._collector.load_state_tensors({k: v for k, v in tensors.items() if k.startswith("stats/")}, metadata)
+            self._collector.load_state_tensors({k: v for k, v in tensors.items() if k.startswith(("stats/", "ghost/"))}, metadata)
             self._window = window
         elif window and window in self.steps and not self.stopped:
             self._window = window
@@ -378,8 +382,9 @@ class CompreSSMCallback(TrainerCallback):
                            state.global_step, seen, "" if seen == 1 else "es", self.config.calibration_batches)
         try:
             self._collector.all_reduce()  # METHOD.md §7: sum the Gramian statistics over the ranks
+            ghost = self._collector.ghost_scores() if self.config.importance == "ghost" else None
             decisions = decide_cuts(self._adapters, self._collector.gramians(), self.config,
-                                    self._rank_targets(state.global_step))
+                                    self._rank_targets(state.global_step), ghost=ghost)
         except Exception as err:  # noqa: BLE001 - any failure of an attempt is recorded, training goes on
             error = err
         self._agree(error, "choosing ranks")
