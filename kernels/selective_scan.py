@@ -41,6 +41,22 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
   exp2(A2 sum dt[s]) h_start[s], tiny) gives the true starts; the full pass runs from them.  The
   local pass costs ~0.65x a forward state step; splits are chosen only up to ~32 warps per SM.
 
+* Parallelism over states where time splits cannot fill the GPU (the backward at large N, whose
+  time splits the tile-start scratch caps: 4 at N = 128 for the reference shape, 768 one-warp
+  programs, 1.45 warps per scheduler): ``n_state_splits`` = KS warps per program on the same
+  channels, warp ks scanning states ks * ceil(N / KS) ... (rows past N are identity maps).  The N
+  recurrences are independent; only the sums over n (y; sum_n g B and sum_n g (h - b) A2, which give
+  du and ddelta) couple them, and they meet across the warps once per tile (a fixed-order sum
+  through shared memory), before D u, the gate and the epilogue, applied once.  No extra memory:
+  carries, checkpoints, scratch and dB/dC partials are per state, already disjoint (per-split fp32
+  partials of y / du / ddelta across programs would cost 12 B per element and split, beyond the 2x
+  inputs rule).  ``backward_plan`` picks KS = 4 from N >= 32 when the other splits leave the GPU
+  short of warps; at N <= 16 KS = 1 compiles to the unsplit kernel.  PREDICTION (SASS counts +
+  bench/static/perf_model, bench/triton_state_split_prediction.py): backward at N = 128 632 SASS per
+  state per 64 x 8 tile (617 unsplit), 2.00 warps per scheduler instead of 1.45, 32-48 ms instead of
+  66-99 ms; fwd+bwd 42-62 ms instead of 76-114, N = 128 / N = 12 10.4x instead of 18.9x.  The
+  ceiling is the registers: 255 allow 8 resident warps per SM (2 per scheduler) however it is split.
+
 * Backward, per chunk (``chunk_size`` steps, the checkpoint interval) in reverse: re-walk the chunk
   forward from its checkpoint keeping only the state at each tile start (a scratch of
   tiles_per_chunk x N x BLOCK_D per program), then per tile in reverse recompute the tile's states
@@ -208,7 +224,10 @@ def _rows(BLOCK_D: tl.constexpr, KS: tl.constexpr):
     if KS == 1:
         # Constant zeros: the unsplit kernel's state index folds to the loop counter.
         return r, tl.zeros((BLOCK_D,), dtype=tl.int32)
-    return (r // (W * KS)) * W + r % W, (r // W) % KS
+    # Contiguity 1: runs of W channels would otherwise make the compiler load per-row vectors two
+    # elements per thread, a layout other than the tile's rows, converted through shared memory
+    # (with barriers) on every state.
+    return tl.max_contiguous((r // (W * KS)) * W + r % W, 1), (r // W) % KS
 
 
 @triton.jit
@@ -222,7 +241,8 @@ def _sum_splits(x, BLOCK_D: tl.constexpr, KS: tl.constexpr, BLOCK_T: tl.constexp
 def _sum_channels(x, BLOCK_D: tl.constexpr, KS: tl.constexpr, BLOCK_T: tl.constexpr):
     """(KS * BLOCK_D, BLOCK_T) rows of ``_rows`` -> (KS, BLOCK_T): per state split, the sum over channels."""
     W: tl.constexpr = 32 if BLOCK_D > 32 else BLOCK_D
-    return tl.sum(tl.sum(tl.reshape(x, (BLOCK_D // W, KS, W, BLOCK_T)), axis=2), axis=0)
+    # The two channel halves of a thread first (in-thread adds), then the lanes (butterflies).
+    return tl.sum(tl.sum(tl.reshape(x, (BLOCK_D // W, KS, W, BLOCK_T)), axis=0), axis=1)
 
 
 @triton.jit
