@@ -10,7 +10,8 @@ The cases reach every mechanism of the kernels: several time tiles per chunk and
 (carries between tiles and checkpoints, the re-walk from a checkpoint), one-tile chunks (the
 re-walk compiled out), a default 64-channel backward block, time splits (the local passes and the carry pass, forward
 and backward), several channel blocks per program (dB/dC partials accumulated over blocks), partial
-tiles at the sequence end, N from 1 to 200 (the same state loop for every N), groups, fp32 B/C with
+tiles at the sequence end, state splits (several warps of a program on disjoint states, N not a
+multiple of their number; the default plan's at N = 128 and 200), N from 1 to 200 (the same state loop for every N), groups, fp32 B/C with
 fp16 u (4-step tiles), and z / D / delta_bias / softplus on and off.
 """
 
