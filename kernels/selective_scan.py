@@ -41,6 +41,22 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
   exp2(A2 sum dt[s]) h_start[s], tiny) gives the true starts; the full pass runs from them.  The
   local pass costs ~0.65x a forward state step; splits are chosen only up to ~32 warps per SM.
 
+* Parallelism over states where time splits cannot fill the GPU (the backward at large N, whose
+  time splits the tile-start scratch caps: 4 at N = 128 for the reference shape, 768 one-warp
+  programs, 1.45 warps per scheduler): ``n_state_splits`` = KS warps per program on the same
+  channels, warp ks scanning states ks * ceil(N / KS) ... (rows past N are identity maps).  The N
+  recurrences are independent; only the sums over n (y; sum_n g B and sum_n g (h - b) A2, which give
+  du and ddelta) couple them, and they meet across the warps once per tile (a fixed-order sum
+  through shared memory), before D u, the gate and the epilogue, applied once.  No extra memory:
+  carries, checkpoints, scratch and dB/dC partials are per state, already disjoint (per-split fp32
+  partials of y / du / ddelta across programs would cost 12 B per element and split, beyond the 2x
+  inputs rule).  ``backward_plan`` picks KS = 4 from N >= 32 when the other splits leave the GPU
+  short of warps; at N <= 16 KS = 1 compiles to the unsplit kernel.  PREDICTION (SASS counts +
+  bench/static/perf_model, bench/triton_state_split_prediction.py): backward at N = 128 632 SASS per
+  state per 64 x 8 tile (617 unsplit), 2.00 warps per scheduler instead of 1.45, 32-48 ms instead of
+  66-99 ms; fwd+bwd 42-62 ms instead of 76-114, N = 128 / N = 12 10.4x instead of 18.9x.  The
+  ceiling is the registers: 255 allow 8 resident warps per SM (2 per scheduler) however it is split.
+
 * Backward, per chunk (``chunk_size`` steps, the checkpoint interval) in reverse: re-walk the chunk
   forward from its checkpoint keeping only the state at each tile start (a scratch of
   tiles_per_chunk x N x BLOCK_D per program), then per tile in reverse recompute the tile's states
@@ -196,11 +212,45 @@ def _column(value, col, offs_t):
 
 
 @triton.jit
+def _rows(BLOCK_D: tl.constexpr, KS: tl.constexpr):
+    """(channel j, state split ks) of each of the KS * BLOCK_D rows of a state-split tile.
+
+    Row r = (half * KS + ks) * W + lane with W = min(BLOCK_D, 32): warp ks holds state split ks for
+    all BLOCK_D channels (lane and half pick the channel, as in the unsplit tile), so that sums over
+    the state splits are cross-warp and sums over channels stay inside a warp.
+    """
+    W: tl.constexpr = 32 if BLOCK_D > 32 else BLOCK_D
+    r = tl.arange(0, KS * BLOCK_D)
+    if KS == 1:
+        # Constant zeros: the unsplit kernel's state index folds to the loop counter.
+        return r, tl.zeros((BLOCK_D,), dtype=tl.int32)
+    # Contiguity 1: runs of W channels would otherwise make the compiler load per-row vectors two
+    # elements per thread, a layout other than the tile's rows, converted through shared memory
+    # (with barriers) on every state.
+    return tl.max_contiguous((r // (W * KS)) * W + r % W, 1), (r // W) % KS
+
+
+@triton.jit
+def _sum_splits(x, BLOCK_D: tl.constexpr, KS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(KS * BLOCK_D, BLOCK_T) rows of ``_rows`` -> (BLOCK_D, BLOCK_T): the sum over state splits, fixed order."""
+    W: tl.constexpr = 32 if BLOCK_D > 32 else BLOCK_D
+    return tl.reshape(tl.sum(tl.reshape(x, (BLOCK_D // W, KS, W, BLOCK_T)), axis=1), (BLOCK_D, BLOCK_T))
+
+
+@triton.jit
+def _sum_channels(x, BLOCK_D: tl.constexpr, KS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(KS * BLOCK_D, BLOCK_T) rows of ``_rows`` -> (KS, BLOCK_T): per state split, the sum over channels."""
+    W: tl.constexpr = 32 if BLOCK_D > 32 else BLOCK_D
+    # The two channel halves of a thread first (in-thread adds), then the lanes (butterflies).
+    return tl.sum(tl.sum(tl.reshape(x, (BLOCK_D // W, KS, W, BLOCK_T)), axis=0), axis=1)
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A2t_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, ckpt_ptr, carry_ptr, dtsum_ptr,
     dim, L, ngroups, dim_per_group, blocks_per_group, n_tiles, tiles_per_split, tiles_per_chunk, n_chunks,
-    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, KS: tl.constexpr, N_PER: tl.constexpr,
     LOCAL: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
 ):
@@ -210,6 +260,8 @@ def _scan_fwd_kernel(
     D, bias: (dim,); ckpt: (batch, dim, n_chunks, N) fp32, the state before each chunk;
     carry: (batch, n_splits, N, dim) fp32, the running state of split s (on entry its start, on exit
     its end); dtsum: (batch, n_splits, dim) fp32.
+    KS state splits (KS warps): warp ks scans states ks * N_PER ... (ks + 1) * N_PER - 1 (< N) of the
+    same BLOCK_D channels; y is summed over the warps once per tile, before D u and the gate.
     LOCAL: start from a zero state and write only the carry (the split's local end state) and the
     split's sum of dt, for the carry pass.  Otherwise start from the carry and write out and ckpt.
     """
@@ -220,32 +272,38 @@ def _scan_fwd_kernel(
     pid_g = pid_blk // blocks_per_group
     blk = pid_blk % blocks_per_group
 
-    offs_j = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    # Rows of the state loop's tiles: (channel, state split); KS = 1 is the plain channel block.
+    jj, ks = _rows(BLOCK_D, KS)
+    offs_j = blk * BLOCK_D + jj
     mask_d = offs_j < dim_per_group
     offs_d = pid_g * dim_per_group + offs_j
     offs_t = tl.arange(0, BLOCK_T)
     zero2 = (offs_j * 0)[:, None] + offs_t[None, :] * 0  # broadcasts B/C rows to the tile's layout
+    # Channels of the epilogue (after the sum over state splits).
+    offs_je = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_de = offs_je < dim_per_group
+    offs_de = pid_g * dim_per_group + offs_je
 
     # int64: batch * dim * L and batch * ngroups * N * L may exceed 2**31 for long sequences.
     row = (pid_b * dim + offs_d).to(tl.int64) * L
+    row_e = (pid_b * dim + offs_de).to(tl.int64) * L
     bc_base = (pid_b * ngroups + pid_g).to(tl.int64) * N * L
     ck_row = (pid_b * dim + offs_d).to(tl.int64) * n_chunks * N
     car_base = (pid_b * n_splits + pid_s).to(tl.int64) * N * dim
 
     if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        Dv = tl.load(D_ptr + offs_de, mask=mask_de, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        bias = tl.zeros((KS * BLOCK_D,), dtype=tl.float32)
 
     k0 = pid_s * tiles_per_split
     k1 = tl.minimum(k0 + tiles_per_split, n_tiles)
-    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dt_sum = tl.zeros((KS * BLOCK_D,), dtype=tl.float32)
     for k in range(k0, k1):
         t = k * BLOCK_T + offs_t
         mask_t = t < L
-        mask_t2 = (zero2 + t[None, :]) < L
         m2 = mask_d[:, None] & mask_t[None, :]
         offs2 = row[:, None] + t[None, :]
         bc2 = bc_base + t[None, :] + zero2
@@ -257,34 +315,45 @@ def _scan_fwd_kernel(
         if LOCAL:
             dt_sum += tl.sum(dt, axis=1)
         else:
-            y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
-        for n in range(N):
-            A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
-            B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+            y = tl.zeros((KS * BLOCK_D, BLOCK_T), dtype=tl.float32)
+        for i in range(N_PER):
+            n = ks * N_PER + i  # this row's state (a vector: one state per warp)
+            mask_n = mask_d & (n < N)
+            # Rows past N (N not a multiple of KS) load A2 = 0, B = C = 0: identity maps adding nothing.
+            mask_nt = (zero2 + t[None, :] < L) & (n < N)[:, None]
+            A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_n, other=0.0)
+            B_n = tl.load(B_ptr + bc2 + (n * L)[:, None], mask=mask_nt, other=0.0).to(tl.float32)
             car_ptrs = carry_ptr + car_base + n * dim + offs_d
             if LOCAL:
-                h_in = tl.load(car_ptrs, mask=mask_d & (k > k0), other=0.0)
+                h_in = tl.load(car_ptrs, mask=mask_n & (k > k0), other=0.0)
             else:
-                h_in = tl.load(car_ptrs, mask=mask_d, other=0.0)
-                tl.store(ckpt_ptr + ck_row + (k // tiles_per_chunk) * N + n, h_in, mask=mask_d & chunk_start)
+                h_in = tl.load(car_ptrs, mask=mask_n, other=0.0)
+                tl.store(ckpt_ptr + ck_row + (k // tiles_per_chunk) * N + n, h_in, mask=mask_n & chunk_start)
             h = _scan_from(tl.exp2(dt * A2[:, None]), dtu * B_n, h_in, offs_t)
             if not LOCAL:
-                C_n = tl.load(C_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+                C_n = tl.load(C_ptr + bc2 + (n * L)[:, None], mask=mask_nt, other=0.0).to(tl.float32)
                 y += h * C_n
             # Steps past L are identity maps, so the last column is the state after the tile.
-            tl.store(car_ptrs, _column(h, BLOCK_T - 1, offs_t), mask=mask_d)
+            tl.store(car_ptrs, _column(h, BLOCK_T - 1, offs_t), mask=mask_n)
         # The carries are read back next tile, possibly by another thread of the program.
         tl.debug_barrier()
 
         if not LOCAL:
+            m2e = mask_de[:, None] & mask_t[None, :]
+            offs2e = row_e[:, None] + t[None, :]
+            if KS > 1:
+                y = _sum_splits(y, BLOCK_D, KS, BLOCK_T)
+                if HAS_D:
+                    u = tl.load(u_ptr + offs2e, mask=m2e, other=0.0).to(tl.float32)
             if HAS_D:
                 y += Dv[:, None] * u
             if HAS_Z:
-                zv = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                zv = tl.load(z_ptr + offs2e, mask=m2e, other=0.0).to(tl.float32)
                 y = y * (zv * _sigmoid(zv))
-            tl.store(out_ptr + offs2, y.to(out_ptr.dtype.element_ty), mask=m2)
+            tl.store(out_ptr + offs2e, y.to(out_ptr.dtype.element_ty), mask=m2e)
     if LOCAL:
-        tl.store(dtsum_ptr + (pid_b * n_splits + pid_s).to(tl.int64) * dim + offs_d, dt_sum, mask=mask_d)
+        # Every state split has the same sum of dt; warp 0 writes it.
+        tl.store(dtsum_ptr + (pid_b * n_splits + pid_s).to(tl.int64) * dim + offs_d, dt_sum, mask=mask_d & (ks == 0))
 
 
 @triton.jit
@@ -293,7 +362,7 @@ def _scan_bwd_kernel(
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dBC_part_ptr, dD_part_ptr, dbias_part_ptr, dtsum_ptr,
     batch, dim, L, ngroups, dim_per_group, blocks_per_group, blocks_per_psplit, n_psplits,
     n_tiles, tiles_per_chunk, n_chunks, chunks_per_split, dC_offset,
-    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, KS: tl.constexpr, N_PER: tl.constexpr,
     LOCAL: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, ONE_TILE_CHUNKS: tl.constexpr,
 ):
@@ -306,6 +375,9 @@ def _scan_bwd_kernel(
     the current chunk; dA_part: (n_splits, batch, N, dim) fp32, zero on entry; dBC_part: (2, batch,
     ngroups, n_psplits, N, L) fp32 (dC at dC_offset); dD_part, dbias_part: (n_splits, batch, dim);
     dtsum: (batch, n_splits, dim).
+    KS state splits (KS warps): warp ks handles states ks * N_PER ... (ks + 1) * N_PER - 1 (< N) of
+    the same channels; the sums over n (y, sum_n g B, sum_n g (h - b) A2) are summed over the warps
+    once per tile, in a fixed order, before the epilogue.
     LOCAL: only the reverse scan from a zero carry, giving gcarry at the split's start and the split's
     sum of dt_{t+1} (the exponent of its total decay), for the carry pass.
     """
@@ -317,7 +389,10 @@ def _scan_bwd_kernel(
     pid_p = pid_gp % n_psplits
 
     offs_t = tl.arange(0, BLOCK_T)
-    offs_jj = tl.arange(0, BLOCK_D)
+    # Rows of the state loop's tiles: (channel, state split); KS = 1 is the plain channel block.
+    offs_jj, ks = _rows(BLOCK_D, KS)
+    offs_je = tl.arange(0, BLOCK_D)  # channels of the epilogue
+    ks_c = tl.arange(0, KS)  # state splits of the channel sums (dB, dC)
     zero2 = (offs_jj * 0)[:, None] + offs_t[None, :] * 0
     bc_base = (pid_b * ngroups + pid_g).to(tl.int64) * N * L
     part_B = ((pid_b * ngroups + pid_g) * n_psplits + pid_p).to(tl.int64) * N * L
@@ -337,15 +412,21 @@ def _scan_bwd_kernel(
         offs_d = pid_g * dim_per_group + offs_j
         row = (pid_b * dim + offs_d).to(tl.int64) * L
         ck_row = (pid_b * dim + offs_d).to(tl.int64) * n_chunks * N
+        offs_j_e = blk * BLOCK_D + offs_je
+        mask_de = offs_j_e < dim_per_group
+        offs_de = pid_g * dim_per_group + offs_j_e
+        row_e = (pid_b * dim + offs_de).to(tl.int64) * L
         if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            Dv = tl.load(D_ptr + offs_de, mask=mask_de, other=0.0).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            bias_e = tl.load(bias_ptr + offs_de, mask=mask_de, other=0.0).to(tl.float32)
         else:
-            bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            bias = tl.zeros((KS * BLOCK_D,), dtype=tl.float32)
+            bias_e = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dt_sum = tl.zeros((KS * BLOCK_D,), dtype=tl.float32)
 
         for c_rev in range(c0, c1):
             c = c1 - 1 - (c_rev - c0)
@@ -360,19 +441,21 @@ def _scan_bwd_kernel(
                     m2 = mask_d[:, None] & (t < L)[None, :]
                     offs2 = row[:, None] + t[None, :]
                     bc2 = bc_base + t[None, :] + zero2
-                    mask_t2 = (zero2 + t[None, :]) < L
                     u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
                     _, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
                     dtu = dt * u
-                    for n in range(N):
-                        A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
-                        B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
-                        h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
+                    for i in range(N_PER):
+                        n = ks * N_PER + i
+                        mask_n = mask_d & (n < N)
+                        mask_nt = (zero2 + t[None, :] < L) & (n < N)[:, None]
+                        A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_n, other=0.0)
+                        B_n = tl.load(B_ptr + bc2 + (n * L)[:, None], mask=mask_nt, other=0.0).to(tl.float32)
+                        h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_n & (j == 0), other=0.0)
                         h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
-                                        mask=mask_d & (j > 0), other=0.0)
+                                        mask=mask_n & (j > 0), other=0.0)
                         h = _scan_from(tl.exp2(dt * A2[:, None]), dtu * B_n, h_in, offs_t)
                         tl.store(scratch_ptr + scr_base + ((j + 1) * N + n) * BLOCK_D + offs_jj,
-                                 _column(h, BLOCK_T - 1, offs_t), mask=mask_d)
+                                 _column(h, BLOCK_T - 1, offs_t), mask=mask_n)
                     tl.debug_barrier()
 
             for k_rev in range(kc0, kc1):
@@ -383,7 +466,6 @@ def _scan_bwd_kernel(
                 m2 = mask_d[:, None] & mask_t[None, :]
                 offs2 = row[:, None] + t[None, :]
                 bc2 = bc_base + t[None, :] + zero2
-                mask_t2 = (zero2 + t[None, :]) < L
                 _, dt = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, SOFTPLUS)
                 # Padded channels and steps load dout = 0, so dy, g and every sum they feed are 0.
                 dy = _load_dy(dout_ptr, z_ptr, offs2, m2, HAS_Z)
@@ -394,15 +476,20 @@ def _scan_bwd_kernel(
                     # dout and z are loaded again for the epilogue (L1 / L2 hits).
                     dtu = dt * tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
                     if HAS_Z:
-                        y = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
-                    gB = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g B
-                    gxA = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g (h - b) A2
+                        y = tl.zeros((KS * BLOCK_D, BLOCK_T), dtype=tl.float32)
+                    gB = tl.zeros((KS * BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g B
+                    gxA = tl.zeros((KS * BLOCK_D, BLOCK_T), dtype=tl.float32)  # sum_n g (h - b) A2
                     later = blk != blk0
-                for n in range(N):
-                    A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_d, other=0.0)
-                    C_n = tl.load(C_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
+                for i in range(N_PER):
+                    n = ks * N_PER + i  # this row's state (a vector: one state per warp)
+                    mask_n = mask_d & (n < N)
+                    # Rows past N (N not a multiple of KS) load A2 = 0 and B = C = 0: a = 1 and
+                    # every term they add is 0; their stores are masked.
+                    mask_nt = (zero2 + t[None, :] < L) & (n < N)[:, None]
+                    A2 = tl.load(A2t_ptr + n * dim + offs_d, mask=mask_n, other=0.0)
+                    C_n = tl.load(C_ptr + bc2 + (n * L)[:, None], mask=mask_nt, other=0.0).to(tl.float32)
                     q_ptrs = gcarry_ptr + car_base + n * dim + offs_d
-                    q_in = tl.load(q_ptrs, mask=mask_d, other=0.0)
+                    q_in = tl.load(q_ptrs, mask=mask_n, other=0.0)
                     a = tl.exp2(dt * A2[:, None])
                     cy = dy * C_n
                     # q_t = a_t dL/dh_t obeys q_t = a_t q_{t+1} + a_t dy_t C_t, a forward scan of the
@@ -410,14 +497,14 @@ def _scan_bwd_kernel(
                     # reverse=True scan shuffles across all lanes even then); its exclusive value is
                     # q_{t+1}, so dL/dh_t = dy_t C_t + q_{t+1} needs no shifted a.
                     q_incl, q_excl = _scan_from_excl(tl.flip(a, 1), tl.flip(a * cy, 1), q_in, offs_t)
-                    tl.store(q_ptrs, _column(q_incl, BLOCK_T - 1, offs_t), mask=mask_d)
+                    tl.store(q_ptrs, _column(q_incl, BLOCK_T - 1, offs_t), mask=mask_n)
                     if not LOCAL:
                         g = cy + tl.flip(q_excl, 1)  # dL/dh_t
-                        B_n = tl.load(B_ptr + bc2 + n * L, mask=mask_t2, other=0.0).to(tl.float32)
-                        h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_d & (j == 0), other=0.0)
+                        B_n = tl.load(B_ptr + bc2 + (n * L)[:, None], mask=mask_nt, other=0.0).to(tl.float32)
+                        h_in = tl.load(ckpt_ptr + ck_row + c * N + n, mask=mask_n & (j == 0), other=0.0)
                         if not ONE_TILE_CHUNKS:
                             h_in += tl.load(scratch_ptr + scr_base + (j * N + n) * BLOCK_D + offs_jj,
-                                            mask=mask_d & (j > 0), other=0.0)
+                                            mask=mask_n & (j > 0), other=0.0)
                         b = dtu * B_n
                         h = _scan_from(a, b, h_in, offs_t)
                         if HAS_Z:
@@ -427,50 +514,72 @@ def _scan_bwd_kernel(
                         gxA += x * A2[:, None]
                         gB += g * B_n
                         dA_ptrs = dA_part_ptr + dA_base + n * dim + offs_d
-                        tl.store(dA_ptrs, tl.load(dA_ptrs, mask=mask_d, other=0.0) + tl.sum(x * dt, axis=1),
-                                 mask=mask_d)
+                        tl.store(dA_ptrs, tl.load(dA_ptrs, mask=mask_n, other=0.0) + tl.sum(x * dt, axis=1),
+                                 mask=mask_n)
                         # This program's partial over its channel split: the first block stores, the
                         # later ones add (barriers between tiles order them; nothing else writes it).
-                        bc_offs = n * L + t
-                        dB_ptrs = dBC_part_ptr + part_B + bc_offs
-                        dB_prev = tl.load(dB_ptrs, mask=mask_t & later, other=0.0)
-                        tl.store(dB_ptrs, dB_prev + tl.sum(g * dtu, axis=0), mask=mask_t)
-                        dC_ptrs = dBC_part_ptr + part_C + bc_offs
-                        dC_prev = tl.load(dC_ptrs, mask=mask_t & later, other=0.0)
-                        tl.store(dC_ptrs, dC_prev + tl.sum(h * dy, axis=0), mask=mask_t)
+                        if KS > 1:
+                            n_c = ks_c * N_PER + i
+                            mask_c = (n_c < N)[:, None] & mask_t[None, :]
+                            bc_offs = (n_c * L)[:, None] + t[None, :]
+                            dB_ptrs = dBC_part_ptr + part_B + bc_offs
+                            dB_prev = tl.load(dB_ptrs, mask=mask_c & later, other=0.0)
+                            tl.store(dB_ptrs, dB_prev + _sum_channels(g * dtu, BLOCK_D, KS, BLOCK_T), mask=mask_c)
+                            dC_ptrs = dBC_part_ptr + part_C + bc_offs
+                            dC_prev = tl.load(dC_ptrs, mask=mask_c & later, other=0.0)
+                            tl.store(dC_ptrs, dC_prev + _sum_channels(h * dy, BLOCK_D, KS, BLOCK_T), mask=mask_c)
+                        else:
+                            bc_offs = i * L + t
+                            dB_ptrs = dBC_part_ptr + part_B + bc_offs
+                            dB_prev = tl.load(dB_ptrs, mask=mask_t & later, other=0.0)
+                            tl.store(dB_ptrs, dB_prev + tl.sum(g * dtu, axis=0), mask=mask_t)
+                            dC_ptrs = dBC_part_ptr + part_C + bc_offs
+                            dC_prev = tl.load(dC_ptrs, mask=mask_t & later, other=0.0)
+                            tl.store(dC_ptrs, dC_prev + tl.sum(h * dy, axis=0), mask=mask_t)
                 tl.debug_barrier()
 
                 if not LOCAL:
-                    u = tl.load(u_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                    m2e = mask_de[:, None] & mask_t[None, :]
+                    offs2e = row_e[:, None] + t[None, :]
+                    if KS > 1:
+                        gB = _sum_splits(gB, BLOCK_D, KS, BLOCK_T)
+                        gxA = _sum_splits(gxA, BLOCK_D, KS, BLOCK_T)
+                        if HAS_Z:
+                            y = _sum_splits(y, BLOCK_D, KS, BLOCK_T)
+                        _, dt = _load_dt(delta_ptr, offs2e, m2e, bias_e, HAS_BIAS, SOFTPLUS)
+                        dy = _load_dy(dout_ptr, z_ptr, offs2e, m2e, HAS_Z)
+                    u = tl.load(u_ptr + offs2e, mask=m2e, other=0.0).to(tl.float32)
                     du = dt * gB
                     if HAS_D:
                         du += Dv[:, None] * dy
                         dD_acc += tl.sum(dy * u, axis=1)
-                    tl.store(du_ptr + offs2, du.to(du_ptr.dtype.element_ty), mask=m2)
+                    tl.store(du_ptr + offs2e, du.to(du_ptr.dtype.element_ty), mask=m2e)
                     ddt = u * gB + gxA * _LN2
                     if SOFTPLUS:
-                        raw, _ = _load_dt(delta_ptr, offs2, m2, bias, HAS_BIAS, False)
+                        raw, _ = _load_dt(delta_ptr, offs2e, m2e, bias_e, HAS_BIAS, False)
                         ddt = ddt * _sigmoid(raw)
-                    ddt = tl.where(m2, ddt, 0.0)
+                    ddt = tl.where(m2e, ddt, 0.0)
                     dbias_acc += tl.sum(ddt, axis=1)
-                    tl.store(ddelta_ptr + offs2, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+                    tl.store(ddelta_ptr + offs2e, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2e)
                     if HAS_Z:
                         if HAS_D:
                             y += Dv[:, None] * u
-                        dout = tl.load(dout_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-                        zv = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                        dout = tl.load(dout_ptr + offs2e, mask=m2e, other=0.0).to(tl.float32)
+                        zv = tl.load(z_ptr + offs2e, mask=m2e, other=0.0).to(tl.float32)
                         sig_z = _sigmoid(zv)
                         dz = dout * y * sig_z * (1.0 + zv * (1.0 - sig_z))
-                        tl.store(dz_ptr + offs2, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                        tl.store(dz_ptr + offs2e, dz.to(dz_ptr.dtype.element_ty), mask=m2e)
 
-        small_row = (pid_s * batch + pid_b).to(tl.int64) * dim + offs_d
+        small_row = (pid_s * batch + pid_b).to(tl.int64) * dim + offs_de
         if LOCAL:
-            tl.store(dtsum_ptr + (pid_b * n_splits + pid_s).to(tl.int64) * dim + offs_d, dt_sum, mask=mask_d)
+            # Every state split has the same sum of dt; warp 0 writes it.
+            tl.store(dtsum_ptr + (pid_b * n_splits + pid_s).to(tl.int64) * dim + offs_d, dt_sum,
+                     mask=mask_d & (ks == 0))
         else:
             if HAS_D:
-                tl.store(dD_part_ptr + small_row, dD_acc, mask=mask_d)
+                tl.store(dD_part_ptr + small_row, dD_acc, mask=mask_de)
             if HAS_BIAS:
-                tl.store(dbias_part_ptr + small_row, dbias_acc, mask=mask_d)
+                tl.store(dbias_part_ptr + small_row, dbias_acc, mask=mask_de)
 
 
 def default_chunk_size(N: int) -> int:
@@ -574,13 +683,24 @@ def _A2t(A):
     return (A.float() * LOG2E).t().contiguous()
 
 
-def _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, num_warps):
-    return dict(N=N, BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T, HAS_D=D is not None, HAS_Z=z is not None,
-                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), num_warps=num_warps)
+def _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, num_warps, state_splits=1):
+    # State splits: one warp each (the rows of ``_rows``), N_PER states per warp.
+    return dict(N=N, BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T, KS=state_splits, N_PER=-(-N // state_splits),
+                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=bool(delta_softplus), num_warps=num_warps * state_splits)
+
+
+def _check_state_splits(n_state_splits, N):
+    assert n_state_splits >= 1 and n_state_splits & (n_state_splits - 1) == 0, (
+        f"n_state_splits must be a power of two, got {n_state_splits}"
+    )
+    assert n_state_splits <= max(1, N), f"n_state_splits={n_state_splits} exceeds N={N}"
+    return n_state_splits
 
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk_size: int | None = None,
-                       *, block_d: int | None = None, n_splits: int | None = None, poison: bool | None = None):
+                       *, block_d: int | None = None, n_splits: int | None = None, n_state_splits: int = 1,
+                       poison: bool | None = None):
     """Forward selective scan.
 
     Args:
@@ -593,6 +713,9 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
         block_d: channels per program (power of two); None: 32, or dim // G rounded up if fewer.
         n_splits: time splits run in parallel (chunked scan with a carry pass); None: as many as
             needed to fill the GPU (1 when batch x channel blocks already do).
+        n_state_splits: warps per program, each scanning ceil(N / n_state_splits) of the states of the
+            same channels (a power of two <= N); y is summed over them once per tile.  1 by default:
+            time splits already fill the GPU in the forward.
         poison: fill the outputs with NaN before launching (debug); None reads COMPRESSM_MAMBA_POISON.
 
     Returns:
@@ -611,7 +734,8 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     n_tiles = math.ceil(L / BLOCK_T)
     blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
     # Splits are whole chunks, so that every checkpoint is written by the pass that owns its chunk.
-    splits, chunks_per_split = _time_splits(batch * ngroups * blocks_per_group, num_warps, n_chunks, u.device,
+    splits, chunks_per_split = _time_splits(batch * ngroups * blocks_per_group, num_warps * n_state_splits, n_chunks,
+                                            u.device,
                                             n_splits)
     tiles_per_split = chunks_per_split * tiles_per_chunk
 
@@ -622,7 +746,8 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
 
     A2t = _A2t(A)
     carry = torch.zeros((batch, splits, N, dim), dtype=torch.float32, device=u.device)
-    flags = _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, num_warps)
+    flags = _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, num_warps,
+                   _check_state_splits(n_state_splits, N))
     args = (u, delta, A2t, B, C, D if D is not None else A2t, z if z is not None else u,
             delta_bias if delta_bias is not None else A2t, out, checkpoints, carry)
     sizes = (dim, L, ngroups, dim_per_group, blocks_per_group, n_tiles, tiles_per_split, tiles_per_chunk, n_chunks)
@@ -643,13 +768,16 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
 
 
 def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, input_bytes, device, *,
-                  block_d=None, n_splits=None, d_splits=None):
-    """The backward's launch plan, a dict (tile sizes, channel splits P, time splits, scratch bytes).
+                  block_d=None, n_splits=None, d_splits=None, n_state_splits=None):
+    """The backward's launch plan, a dict (tile sizes, channel splits P, time splits, state splits, scratch bytes).
 
     P (channel splits, each with its own fp32 dB/dC partial, 8 batch G P N L bytes) is the most
     whose partials fit in ``input_bytes``; time splits then make up the programs the GPU needs, as
     far as the tile-start scratch (4 batch splits G P BLOCK_D tiles_per_chunk N bytes) fits in half
-    of ``input_bytes``.
+    of ``input_bytes``.  When the scratch bound leaves fewer warps than the GPU wants (large N), state
+    splits (KS warps per program, each ceil(N / KS) states of the same channels) make up the rest,
+    at most 4 and only while each warp keeps >= 16 states (its per-tile work is repeated per warp);
+    they need no memory: the sums over states meet in the program, once per tile.
     """
     dim_per_group = dim // ngroups
     n_chunks = math.ceil(L / chunk_size)
@@ -669,7 +797,14 @@ def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, inpu
         scratch_per_split = 0
     cap = max(1, (input_bytes // 2) // max(1, scratch_per_split))
     splits, chunks_per_split = _time_splits(batch * ngroups * d_splits, num_warps, n_chunks, device, n_splits, cap)
-    return dict(BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps, tiles_per_chunk=tiles_per_chunk,
+    if n_state_splits is None:
+        want = _sm_count(device) * _WARPS_PER_SM / max(1, batch * ngroups * d_splits * splits * num_warps)
+        n_state_splits = 1
+        while n_state_splits < min(4, want) and N >= 32 * n_state_splits:
+            n_state_splits *= 2
+    n_state_splits = _check_state_splits(n_state_splits, N)
+    return dict(BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps, n_state_splits=n_state_splits,
+                tiles_per_chunk=tiles_per_chunk,
                 blocks_per_group=blocks_per_group, d_splits=d_splits, blocks_per_psplit=per_p, n_splits=splits,
                 chunks_per_split=chunks_per_split, partial_bytes=8 * batch * ngroups * d_splits * N * L,
                 scratch_bytes=splits * scratch_per_split)
@@ -677,7 +812,7 @@ def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, inpu
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, checkpoints,
                        chunk_size: int | None = None, *, block_d: int | None = None, n_splits: int | None = None,
-                       d_splits: int | None = None, poison: bool | None = None):
+                       d_splits: int | None = None, n_state_splits: int | None = None, poison: bool | None = None):
     """Gradients of the scalar sum(out * dout) of ``selective_scan_fwd``.
 
     Args:
@@ -690,6 +825,9 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
         n_splits: as in ``selective_scan_fwd`` (need not match the forward's).
         d_splits: channel splits with their own dB/dC partial; None: the most whose partials fit in
             the size of the inputs.
+        n_state_splits: warps per program, each scanning ceil(N / n_state_splits) states of the same
+            channels (a power of two <= N); None: ``backward_plan``'s choice (1 unless N >= 32 and the
+            other splits leave the GPU short of warps).
         poison: as in ``selective_scan_fwd``.
 
     Returns:
@@ -710,7 +848,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
     assert checkpoints.is_contiguous(), "checkpoints must be contiguous"
     input_bytes = sum(t.numel() * t.element_size() for t in (dout, u, delta, z, B, C) if t is not None)
     plan = backward_plan(batch, dim, L, N, ngroups, u.dtype, B.dtype, chunk_size, input_bytes, u.device,
-                         block_d=block_d, n_splits=n_splits, d_splits=d_splits)
+                         block_d=block_d, n_splits=n_splits, d_splits=d_splits, n_state_splits=n_state_splits)
     BLOCK_T, BLOCK_D, P, splits = plan["BLOCK_T"], plan["BLOCK_D"], plan["d_splits"], plan["n_splits"]
     dev = u.device
     f32 = torch.float32
@@ -726,7 +864,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
 
     if batch > 0 and dim > 0 and L > 0:
         A2t = _A2t(A)
-        flags = _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, plan["num_warps"])
+        flags = _flags(D, z, delta_bias, delta_softplus, N, BLOCK_D, BLOCK_T, plan["num_warps"], plan["n_state_splits"])
         grid = (ngroups * P, batch, splits)
         scratch = _empty((max(1, plan["scratch_bytes"] // 4),), f32, dev, poison)
         dtsum = _empty((batch, splits, dim), f32, dev, poison) if splits > 1 else gcarry

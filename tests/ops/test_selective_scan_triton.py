@@ -10,7 +10,8 @@ The cases reach every mechanism of the kernels: several time tiles per chunk and
 (carries between tiles and checkpoints, the re-walk from a checkpoint), one-tile chunks (the
 re-walk compiled out), a default 64-channel backward block, time splits (the local passes and the carry pass, forward
 and backward), several channel blocks per program (dB/dC partials accumulated over blocks), partial
-tiles at the sequence end, N from 1 to 200 (the same state loop for every N), groups, fp32 B/C with
+tiles at the sequence end, state splits (several warps of a program on disjoint states, N not a
+multiple of their number; the default plan's at N = 128 and 200), N from 1 to 200 (the same state loop for every N), groups, fp32 B/C with
 fp16 u (4-step tiles), and z / D / delta_bias / softplus on and off.
 """
 
@@ -73,13 +74,14 @@ def _check(tensor, expected, name):
 
 
 def _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, *, with_D=True, with_z=True, with_bias=True,
-                     softplus=True, bc_fp32=False, block_d=None, n_splits=None, bwd_splits=None, d_splits=None, seed=0):
+                     softplus=True, bc_fp32=False, block_d=None, n_splits=None, bwd_splits=None, d_splits=None, state_splits=1,
+                     bwd_state_splits=None, seed=0):
     kernels = _kernels()
     inputs = _make_inputs(batch, dim, N, L, ngroups, dtype, bc_fp32, with_D, with_z, with_bias, softplus, seed)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
 
     out, last_state, ckpts = kernels.selective_scan_fwd(*args, softplus, chunk_size, block_d=block_d, n_splits=n_splits,
-                                                        poison=True)
+                                                        n_state_splits=state_splits, poison=True)
     assert out.dtype == dtype and last_state.dtype == torch.float32 and ckpts.dtype == torch.float32
     assert ckpts.shape == (batch, dim, math.ceil(L / chunk_size), N)
 
@@ -90,7 +92,7 @@ def _run_and_compare(batch, dim, N, L, ngroups, chunk_size, dtype, *, with_D=Tru
     _check(ckpts, reference_checkpoints(inputs, softplus, chunk_size), "checkpoints")
 
     grads = kernels.selective_scan_bwd(dout, *args, softplus, ckpts, chunk_size, block_d=block_d, n_splits=bwd_splits,
-                                       d_splits=d_splits, poison=True)
+                                       d_splits=d_splits, n_state_splits=bwd_state_splits, poison=True)
     for name, grad in zip(GRAD_NAMES, grads):
         if inputs[name] is None:
             assert grad is None, f"d{name} should be None when {name} is None"
@@ -120,6 +122,15 @@ CPU_CASES = [
                  id="L5-N13-G2-nosoftplus-blockwalk"),
     pytest.param(1, 2, 128, 3, 1, 8, dict(softplus=False, with_D=False), id="L3-N128-nosoftplus"),
     pytest.param(1, 1, 200, 2, 1, 4, dict(with_z=False, with_bias=False), id="L2-N200"),
+    # State splits (warps of one program on disjoint states, sums over n met once per tile): N = 7
+    # over 4 / 2 warps leaves rows past N; two tiles per chunk (re-walk), time splits, 32- and
+    # 64-channel blocks (two channel halves per warp).
+    pytest.param(1, 40, 7, 13, 1, 8, dict(n_splits=2, bwd_splits=2, state_splits=4, bwd_state_splits=2),
+                 id="L13-N7-dim40-statesplits"),
+    # ... without z, D, bias or softplus, small blocks walked by one program (dB/dC added per block).
+    pytest.param(1, 5, 6, 9, 1, 8, dict(with_z=False, with_D=False, with_bias=False, softplus=False, block_d=4,
+                                        d_splits=1, state_splits=2, bwd_state_splits=4),
+                 id="L9-N6-statesplits-bare-blockwalk"),
 ]
 
 FP16_CASES = [
@@ -130,6 +141,8 @@ FP16_CASES = [
     pytest.param(1, 10, 5, 7, 2, 4, dict(with_z=False, softplus=False, bc_fp32=True, block_d=4, d_splits=1),
                  id="L7-N5-G2-BCfp32-blockwalk"),
     pytest.param(1, 3, 16, 1, 1, 64, dict(with_D=False, with_z=False, with_bias=False), id="L1-N16-bare"),
+    # State splits with groups, 3 tiles in 2 chunks of 2 (re-walk), N = 5 over 4 / 2 warps.
+    pytest.param(1, 40, 5, 17, 2, 16, dict(state_splits=4, bwd_state_splits=2), id="L17-N5-G2-statesplits"),
 ]
 
 
@@ -163,6 +176,15 @@ def test_backward_plan_bounds_scratch_by_the_inputs():
         rows = batch * plan["d_splits"] * plan["n_splits"] * plan["BLOCK_D"] // 32
         if N <= 128:
             assert plan["n_splits"] > 1 and rows >= 132 * 8, (N, plan)
+        # State splits only where the scratch bound leaves the GPU short of warps (large N): then
+        # >= 4 warps per scheduler (132 SMs x 4) are launched.
+        warps = batch * plan["d_splits"] * plan["n_splits"] * plan["num_warps"] * plan["n_state_splits"]
+        if N <= 16:
+            assert plan["n_state_splits"] == 1, (N, plan)
+        else:
+            assert plan["n_state_splits"] == 4, (N, plan)
+        if N == 128:
+            assert warps >= 132 * 4 * 4, (N, plan)
 
 
 def test_empty_sequence():
