@@ -104,6 +104,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .elementwise import sigmoid as _sigmoid
+from .elementwise import softplus as _softplus
+
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "default_chunk_size", "tile_config", "backward_plan", "LOG2E"]
 
 LOG2E = 1.4426950408889634
@@ -120,22 +123,6 @@ _NUM_WARPS = 1
 _BWD_BLOCK_D = 64
 # Resident warps per SM the launch plan aims for (half of the 64 an H100/H200 SM can hold).
 _WARPS_PER_SM = 32
-
-
-@triton.jit
-def _softplus(x):
-    # log1p(exp(x)) without a log1p intrinsic (none is portable to the interpreter): for w = 1 + e,
-    # log(w) * e / (w - 1) cancels the rounding of 1 + e (Goldberg), so tiny exp(x) keep their
-    # relative accuracy.  Above 20, softplus(x) == x in fp32 (mamba_ssm's threshold as well).
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-    return tl.where(x > 20.0, x, log1p_e)
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
 
 
 @triton.jit

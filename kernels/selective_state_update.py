@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .elementwise import softplus as _softplus
+
 __all__ = ["selective_state_update_fwd"]
 
 _POISON_ENV = "COMPRESSM_MAMBA_POISON"
@@ -28,16 +30,6 @@ _POISON_ENV = "COMPRESSM_MAMBA_POISON"
 # loads of x/dt/z, small enough that a small batch still spreads over many programs.
 _TILE_ELEMENTS = 2048
 _MIN_PROGRAMS = 256
-
-
-@triton.jit
-def _softplus_f32(x):
-    # log(1 + e^x) with log1p's accuracy for tiny e^x: for w = 1 + e, log(w) * e / (w - 1) cancels
-    # the rounding of the sum.  Above 20 softplus(x) == x in fp32 (torch's threshold too).
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    small = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-    return tl.where(x > 20.0, x, small)
 
 
 @triton.jit
@@ -62,7 +54,7 @@ def _selective_state_update_kernel(
     if HAS_BIAS:
         dt += tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
     if SOFTPLUS:
-        dt = _softplus_f32(dt)
+        dt = _softplus(dt)
     A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     g = d // dim_per_group  # the B/C group of each channel (a block may straddle groups)
     B = tl.load(B_ptr + b * stride_B_b + g[:, None] * stride_B_g + n[None, :], mask=tile_ok, other=0.0)
