@@ -139,6 +139,10 @@ def prediction_rows(env: dict, workers: int, with_mamba: bool, work_dir: str | N
                               note="general A (Mamba1), no mask; P and Q sums"))
     except ModelError as e:
         print(f"triton gramians: no prediction: {e}")
+    preds = [perf_model.predict(w) for w in predictions.mean_lti_torch_work(GRAM_N, b, d, L, dt)]
+    rows.append(_pred_row(env, "torch", "gramian mean_lti (collection pass)", GRAM_N, shape, preds,
+                          note="analytic: torch ops of reference.gramian_statistics, memory-bound; "
+                          f"peak ~{4 * 4 * b * d * GRAM_N * L / 1e9:.0f} GB of fp32 (batch, dim, N, L) tensors"))
     return rows
 
 
@@ -186,9 +190,11 @@ def print_predictions(rows: list[dict]) -> None:
         if x and m:
             target = "1.0" if be == "cuda" else "1.25"
             print(f"PREDICTION {be}: N=16 fwd+bwd / mamba_ssm = {x / m:.2f}x (target <= {target}x)")
-    g, f = get.get(("triton", "gramian ltv (collection pass)", GRAM_N)), get.get(("triton", "scan fwd", GRAM_N))
-    if g and f:
-        print(f"PREDICTION triton: Gramian collection (ltv) at N={GRAM_N} = {g / f:.1f} forward scans (target <= 2)")
+    for gram in (("triton", "gramian ltv (collection pass)"), ("torch", "gramian mean_lti (collection pass)")):
+        for be in ("triton", "cuda"):
+            g, f = get.get((*gram, GRAM_N)), get.get((be, "scan fwd", GRAM_N))
+            if g and f:
+                print(f"PREDICTION {gram[1]} at N={GRAM_N} = {g / f:.1f} {be} forward scans (target <= 2)")
 
 
 def main(argv=None):
