@@ -12,7 +12,8 @@
 2. Predicted fwd+bwd times of the selective scan at (batch 8, dim 3072, L 2048) bf16 for N in
    {12, 16, 128}: our Triton and CUDA scans and mamba_ssm 2.3.2's CUDA scan (from its sdist,
    cached in bench/.cache/), the N=128 / N=12 ratio, the ratio to mamba_ssm at N=16, and the
-   Gramian collection pass (default estimator, ltv) in forward-scan units at N=128.  Rows go to
+   Gramian collection pass at N=128 in forward-scan units: ltv (Triton kernel) and mean_lti (the
+   default estimator-to-be; torch ops, modelled as memory-bound).  Rows go to
    bench/results/static_predictions.csv, every one labelled PREDICTION with the model's
    assumptions, with a ``measured_ms`` column filled from any GPU rows of bench/results/*.csv at
    the same (backend, batch, dim, seqlen, N, dtype), so the model's error is read off one table.
