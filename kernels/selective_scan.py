@@ -7,7 +7,8 @@ Costs quoted below are PREDICTIONS from the sm_90 SASS of these kernels (Triton 
 issue-rate model, not measurements.  The design-time sketch said fwd+bwd 3.7-5.3 ms at N = 16 (1.07x
 mamba_ssm), N = 128 / N = 12 = 8.6x; the project's prediction (bench/static_report.py, which
 charges the backward's low occupancy: 255 registers, and 768 one-warp programs at N = 128) says
-4.8-7.2 ms at (batch 8, dim 3072, L 2048) bf16 on an H200, 1.44x mamba_ssm, and 13.0x (bench/README.md).
+4.8-7.2 ms at (batch 8, dim 3072, L 2048) bf16 on an H200, 1.44x mamba_ssm, and 10.7x with the
+state splits (bench/README.md).
 
 The problem: an element-wise linear recurrence over (batch, channel d, state n) lanes along time,
 h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plus reductions over n
