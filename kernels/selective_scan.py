@@ -6,7 +6,7 @@ validation, contiguity, viewing 3-D B/C as one group and the autograd wrapper li
 Costs quoted below are PREDICTIONS from the sm_90 SASS of these kernels (Triton 3.7.1 AOT) and an
 issue-rate model, not measurements.  The design-time sketch said fwd+bwd 3.7-5.3 ms at N = 16 (1.07x
 mamba_ssm), N = 128 / N = 12 = 8.6x; the project's prediction (bench/static_report.py, which
-charges the backward's low occupancy: 255 registers, and 768 one-warp programs at N = 128) says
+charges the backward's low occupancy: 255 registers, 2 warps per scheduler) says
 4.8-7.2 ms at (batch 8, dim 3072, L 2048) bf16 on an H200, 1.44x mamba_ssm, and 10.7x with the
 state splits (bench/README.md).
 
