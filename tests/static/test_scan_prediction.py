@@ -32,7 +32,7 @@ def test_triton_backward_plan_at_the_reference_shape():
     assert p16["tiles_per_chunk"] == 1 and p16["scratch_bytes"] == 0 and p16["BLOCK_D"] == 64
     assert p16["d_splits"] == 48 and p16["n_splits"] > 1
     # N = 128: 8 tiles per 64-step chunk; the tile-start scratch caps the time splits below what would
-    # fill the GPU, which leaves few one-warp programs: the grid the prediction's occupancy term charges.
+    # fill the GPU: few programs (768 at the reference shape), which the occupancy term charges.
     assert p128["tiles_per_chunk"] == 8 and p128["num_warps"] == 1 and p128["scratch_bytes"] > 0
     uncapped, _ = ss._time_splits(8 * p128["d_splits"], 1, 2048 // 64, "cpu", None)
     assert p128["n_splits"] < uncapped, "the N = 128 backward's time splits are no longer capped: update bench/README"
