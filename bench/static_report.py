@@ -12,7 +12,8 @@
 2. Predicted fwd+bwd times of the selective scan at (batch 8, dim 3072, L 2048) bf16 for N in
    {12, 16, 128}: our Triton and CUDA scans and mamba_ssm 2.3.2's CUDA scan (from its sdist,
    cached in bench/.cache/), the N=128 / N=12 ratio, the ratio to mamba_ssm at N=16, and the
-   Gramian collection pass (default estimator, ltv) in forward-scan units at N=128.  Rows go to
+   Gramian collection pass at N=128 in forward-scan units: ltv (Triton kernel) and mean_lti (the
+   default estimator-to-be; torch ops, modelled as memory-bound).  Rows go to
    bench/results/static_predictions.csv, every one labelled PREDICTION with the model's
    assumptions, with a ``measured_ms`` column filled from any GPU rows of bench/results/*.csv at
    the same (backend, batch, dim, seqlen, N, dtype), so the model's error is read off one table.
@@ -139,6 +140,10 @@ def prediction_rows(env: dict, workers: int, with_mamba: bool, work_dir: str | N
                               note="general A (Mamba1), no mask; P and Q sums"))
     except ModelError as e:
         print(f"triton gramians: no prediction: {e}")
+    preds = [perf_model.predict(w) for w in predictions.mean_lti_torch_work(GRAM_N, b, d, L, dt)]
+    rows.append(_pred_row(env, "torch", "gramian mean_lti (collection pass)", GRAM_N, shape, preds,
+                          note="analytic: torch ops of reference.gramian_statistics, memory-bound; "
+                          f"peak ~{4 * 4 * b * d * GRAM_N * L / 1e9:.0f} GB of fp32 (batch, dim, N, L) tensors"))
     return rows
 
 
@@ -186,9 +191,11 @@ def print_predictions(rows: list[dict]) -> None:
         if x and m:
             target = "1.0" if be == "cuda" else "1.25"
             print(f"PREDICTION {be}: N=16 fwd+bwd / mamba_ssm = {x / m:.2f}x (target <= {target}x)")
-    g, f = get.get(("triton", "gramian ltv (collection pass)", GRAM_N)), get.get(("triton", "scan fwd", GRAM_N))
-    if g and f:
-        print(f"PREDICTION triton: Gramian collection (ltv) at N={GRAM_N} = {g / f:.1f} forward scans (target <= 2)")
+    for gram in (("triton", "gramian ltv (collection pass)"), ("torch", "gramian mean_lti (collection pass)")):
+        for be in ("triton", "cuda"):
+            g, f = get.get((*gram, GRAM_N)), get.get((be, "scan fwd", GRAM_N))
+            if g and f:
+                print(f"PREDICTION {gram[1]} at N={GRAM_N} = {g / f:.1f} {be} forward scans (target <= 2)")
 
 
 def main(argv=None):

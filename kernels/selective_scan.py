@@ -4,9 +4,11 @@ Mechanism only: the launchers assert shapes and layouts, choose tiles and splits
 validation, contiguity, viewing 3-D B/C as one group and the autograd wrapper live in
 ``compressm_mamba.ops``.  The float64 specification is ``compressm_mamba.reference.selective_scan``.
 Costs quoted below are PREDICTIONS from the sm_90 SASS of these kernels (Triton 3.7.1 AOT) and an
-issue-rate model, not measurements (bench/results/triton_scan_static_prediction.txt): at (batch 8,
-dim 3072, L 2048) bf16 on an H200, fwd+bwd 3.7-5.3 ms at N = 16 (mamba_ssm's CUDA scan, compiled
-the same way: 3.6-4.7 ms; 1.07x at mid-points), N = 128 / N = 12 = 8.6x.
+issue-rate model, not measurements.  The design-time sketch said fwd+bwd 3.7-5.3 ms at N = 16 (1.07x
+mamba_ssm), N = 128 / N = 12 = 8.6x; the project's prediction (bench/static_report.py, which
+charges the backward's low occupancy: 255 registers, 2 warps per scheduler) says
+4.8-7.2 ms at (batch 8, dim 3072, L 2048) bf16 on an H200, 1.44x mamba_ssm, and 10.7x with the
+state splits (bench/README.md).
 
 The problem: an element-wise linear recurrence over (batch, channel d, state n) lanes along time,
 h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plus reductions over n
@@ -579,7 +581,7 @@ def default_chunk_size(N: int) -> int:
     re-walks nothing; N = 128 keeps 64 steps (7/8 re-walked), N = 256 128 steps.
 
     The price is memory saved for the backward: at N = 16, 8 bytes per step (1 with 64-step chunks).
-    PREDICTION (bench/triton_scan_prediction.py): 64-step chunks at N <= 16 would give 1.17x
+    PREDICTION (the design-time sketch, now removed; see bench/README.md): 64-step chunks at N <= 16 would give 1.17x
     mamba_ssm's fwd+bwd at N = 16 instead of 1.07x, 16-step ones 1.13x (4 bytes per step), and
     N = 128 / N = 12 7.9x / 8.2x instead of 8.6x.
     """

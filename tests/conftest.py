@@ -40,3 +40,15 @@ def pytest_collection_modifyitems(config, items):
         for mark, reason in reasons.items():
             if mark in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def csrc_build(tmp_path_factory):
+    """csrc/ compiled once per session for the compile and resource checks: ({source:
+    CompletedProcess}, object folder).  See tests/csrc_build.py."""
+    import csrc_build as cb
+
+    if not cb.HAVE_NVCC:
+        pytest.skip("nvcc not found")
+    return cb.build(tmp_path_factory.mktemp("csrc_objects"))
+

@@ -17,8 +17,9 @@ Every number this module returns is a PREDICTION, not a measurement.  The model,
    132 SMs, 1.98 GHz boost on an H200).  The achieved fraction ``efficiency`` is a range, not a
    fit: (0.50, 0.75) when each scheduler holds >= 4 resident warps to hide latency, scaled down in
    proportion below that; resident warps follow from registers, shared memory and threads
-   (``toolchain.blocks_per_sm``) and from how many blocks the grid has per SM.  Partial last waves
-   count as idle SMs.
+   (``toolchain.blocks_per_sm``) and from how many blocks the grid has per SM.  The busiest SM's
+   blocks run in rounds of blocks_per_sm (a partial last round at its own, lower, occupancy);
+   SMs are otherwise independent (``predict``).
 3. Bytes.  Each tensor a launch touches is read or written once from DRAM (caches assumed to absorb
    re-reads; scratch reuse inside a launch is not counted, so this is a lower bound), at 4.3 TB/s
    (the H200's measured device-copy bandwidth, shared GPU.md).
@@ -54,7 +55,7 @@ EFFICIENCY = (0.50, 0.75)
 WARPS_PER_SCHEDULER_TO_HIDE_LATENCY = 4
 
 ASSUMPTIONS = ("issue-bound model: 4 warp-instr/SM/clock x 132 SMs x 1.98 GHz, efficiency 0.50-0.75 scaled by "
-               "resident warps/scheduler (<4), partial waves idle; bytes = tensors touched once at 4.3 TB/s; "
+               "resident warps/scheduler (<4), busiest SM's rounds of resident blocks; bytes = tensors touched once at 4.3 TB/s; "
                "time = max(issue, bytes); SASS counts from sm_90 compiles; no GPU ran")
 
 
@@ -240,19 +241,30 @@ def dynamic_instructions(fn: Function, rules, consts: dict, sources: SourceLines
 
 
 def predict(work: KernelWork, gpu: GPU = H200) -> Prediction:
-    """Predicted (optimistic, pessimistic) milliseconds of one launch."""
+    """Predicted (optimistic, pessimistic) milliseconds of one launch.
+
+    Rounds per SM: the busiest SM gets ceil(blocks / SMs) blocks, run ``blocks_per_sm`` at a time
+    (equal blocks finish together), then the remainder.  A round of k blocks issues its k x
+    (warp-instructions per block) at ``eff x hide(k)`` of the SM's issue rate, hide(k) = resident
+    warps per scheduler / 4 (capped at 1): below 4 warps a scheduler idles on latency.  Resident
+    slots left empty cost nothing by themselves (the SM's schedulers serve whatever warps it has);
+    the fewer warps are charged once, through hide.  (The model of 92f9d14 also divided by the
+    fraction of resident slots filled, charging an under-filled wave twice: 2.4x too slow for the
+    CUDA scan's 384 blocks.)
+    """
     warps_per_block = -(-work.threads // 32)
     bps = max(1, blocks_per_sm(gpu.arch, work.threads, work.regs, work.smem))
-    resident = bps * gpu.sms
-    waves = max(1, math.ceil(work.blocks / resident))
-    fill = work.blocks / (waves * resident)  # fraction of the resident slots busy, over all waves
-    per_sm = min(bps, work.blocks / gpu.sms)
-    wps = per_sm * warps_per_block / gpu.schedulers
-    hide = min(1.0, wps / WARPS_PER_SCHEDULER_TO_HIDE_LATENCY)
-    rate = gpu.sms * gpu.schedulers * gpu.clock_hz
-    # A partial last wave leaves slots idle; a grid smaller than the GPU leaves whole SMs idle.
-    sm_share = work.blocks / gpu.sms if work.blocks < gpu.sms else fill
-    issue = tuple(work.warp_instr / (rate * sm_share) / (eff * hide) * 1e3 for eff in (EFFICIENCY[1], EFFICIENCY[0]))
+    per_sm = -(-work.blocks // gpu.sms) if work.blocks else 0
+    per_block = work.warp_instr / max(work.blocks, 1)
+    rounds = [bps] * (per_sm // bps) + ([per_sm % bps] if per_sm % bps else [])
+
+    def hide(k):
+        return min(1.0, k * warps_per_block / gpu.schedulers / WARPS_PER_SCHEDULER_TO_HIDE_LATENCY)
+
+    sm_rate = gpu.schedulers * gpu.clock_hz
+    issue = tuple(sum(k * per_block / (sm_rate * eff * hide(k)) for k in rounds) * 1e3
+                  for eff in (EFFICIENCY[1], EFFICIENCY[0]))
+    wps = (rounds[0] if rounds else 0) * warps_per_block / gpu.schedulers
     memory = work.bytes / gpu.dram_bytes_per_s * 1e3
     return Prediction(work, bps, wps, issue, memory, (max(issue[0], memory), max(issue[1], memory)))
 
@@ -279,14 +291,21 @@ TRITON_GRAM_RULES = [
 ]
 
 OUR_CUDA_RULES = [
+    # csrc/selective_scan as redesigned (csrc/README.md): lanes x states per channel, kFwdT-step
+    # forward tiles, 64-step backward chunks walked slot by slot in kBwdT-step sub-tiles.
     TripRule(r"for \(int t0 = 0; t0 < L; t0 \+= kT\)", "ceil(L / kT)"),
+    TripRule(r"for \(int tt = 0; tt < kT; \+\+tt\)", "kT / 4"),  # forward: `#pragma unroll 4`
     TripRule(r"for \(int chunk = p\.n_chunks - 1", "n_chunks"),
+    TripRule(r"for \(int slice = slot; slice < p\.n_slices; slice \+= p\.n_slots\)", "ceil(n_slices / n_slots)"),
     TripRule(r"for \(int s = 0; s < n_sub", "n_sub"),  # pass 1 (its last sub-tile only copies and breaks)
     TripRule(r"for \(int s = n_sub - 1; s >= 0", "n_sub"),
-    TripRule(r"for \(int tt = 0; tt < kT; \+\+tt\)", "kT / 2"),  # `#pragma unroll 2`
-    TripRule(r"i < (Traits::)?kChans \* kT; i \+= Traits::kThreads", "ceil(kChans * kT / kThreads)"),
-    TripRule(r"i < (Traits::)?kNState \* kT; i \+= Traits::kThreads", "ceil(kNState * kT / kThreads)"),
-    TripRule(r"i < (Traits::)?kNState \* kCP; i \+= Traits::kThreads", "ceil(kNState * (kT + 1) / kThreads)"),
+    # stage_channels: kStageT steps (the forward tile; the backward's whole 64-step chunk).
+    TripRule(r"i < Traits::kChans \* kVecs; i \+= Traits::kThreads", "ceil(kChans * kStageT / 4 / kThreads)"),
+    TripRule(r"i < kChans \* kVecs; i \+= Traits::kThreads", "ceil(kChans * kT / 4 / kThreads)"),  # fwd write-back
+    TripRule(r"i < Traits::kNState \* kVecs; i \+= Traits::kThreads", "ceil(kNState * kT / 4 / kThreads)"),  # stage_bc
+    TripRule(r"i < kT \* kNState; i \+= kThreads", "ceil(kT * kNState / kThreads)"),  # bwd dB / dC warp sums
+    TripRule(r"for \(int w = 0; w < kWarps", "kWarps"),
+    TripRule(r"for \(int v = 0; v < kVecs", "kT / 4"),
 ]
 
 MAMBA_SSM_RULES = [
@@ -297,12 +316,13 @@ MAMBA_SSM_RULES = [
 ]
 
 
-def our_cuda_traits(N: int, L: int) -> dict:
-    """Constants of csrc/selective_scan's ScanTraits for the compiled size serving N (mirrors the
-    C++: update with csrc/selective_scan/selective_scan.cuh / .h)."""
+def our_cuda_traits(N: int, L: int, batch: int = 8, dim: int = 3072, in_bytes: int = 2, has_z: bool = True) -> dict:
+    """Constants and launch plan of csrc/selective_scan for the compiled size serving N (mirrors the
+    C++: ScanTraits in csrc/selective_scan/selective_scan.cuh, scan_lanes_per_channel in
+    selective_scan.h, the backward's slot count in csrc/bindings.cpp; update with them).  One group."""
     sizes = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
     K = next(s for s in sizes if s >= N)
-    lanes = 1
+    lanes = 2
     while lanes < 32 and K % (2 * lanes) == 0 and K // (2 * lanes) >= 6:
         lanes *= 2
     threads, chunk = 128, 64
@@ -314,7 +334,15 @@ def our_cuda_traits(N: int, L: int) -> dict:
             p *= 2
         return p
 
-    fwd_t = min(64, min(pow2_floor(2048 // K), pow2_floor(1024 // chans)))
+    fwd_t = min(chunk, min(pow2_floor(2730 // chans - 1), pow2_floor(2304 // (K + 4))))
+    bwd_t = 4 if K >= 256 else 8
     n_chunks = math.ceil(L / chunk)
-    return dict(kNState=K, kLanes=lanes, kThreads=threads, kChans=chans, kFwdT=fwd_t, kBwdT=8,
-                n_chunks=n_chunks, n_sub=chunk // 8, L=L)
+    n_slices = math.ceil(dim / chans)
+    # bindings.cpp: as many slots as slices, but the dB / dC partials within the inputs' bytes.
+    slot_bytes = 2 * batch * L * N * 4
+    input_bytes = (batch * dim * n_chunks * N * 4 + dim * N * 4 + 2 * batch * N * L * in_bytes
+                   + (4 if has_z else 3) * batch * dim * L * in_bytes)
+    n_slots = min(n_slices, max(1, input_bytes // slot_bytes))
+    return dict(kNState=K, kLanes=lanes, kStates=K // lanes, kThreads=threads, kWarps=threads // 32, kChans=chans,
+                kFwdT=fwd_t, kBwdT=bwd_t, n_chunks=n_chunks, n_sub=chunk // bwd_t, n_slices=n_slices,
+                n_slots=n_slots, L=L)

@@ -97,6 +97,24 @@ def triton_gram_work(N, batch, dim, L, dtype, estimator="ltv"):
                          active_fraction=active)
 
 
+def mean_lti_torch_work(N, batch, dim, L, dtype):
+    """The ``mean_lti`` collection pass as ``ops.gramian_sums`` runs it (every backend): torch ops of
+    ``reference.gramian_statistics`` on full fp32 (batch, dim, N, L) tensors, no compiled code to read.
+    Modelled as one memory-bound elementwise launch per torch op (each tensor read / written once,
+    a few warp-instructions per element): dt cast; dt A; exp (``a``, unused by mean_lti); expm1 and
+    its negation (``e``); dt B; the three sums over (batch, L) (``c`` is an expanded view: its sum
+    reads the small C, but still iterates every element)."""
+    E = batch * dim * N * L  # elements of one (batch, dim, N, L) tensor
+    f32, e_in = 4, _BYTES[dtype]
+    ops = [("dt = delta.float()", batch * dim * L * (e_in + f32), batch * dim * L),
+           ("dtA = dt A", E * f32, E), ("a = exp(dtA)", 2 * E * f32, E), ("expm1(dtA)", 2 * E * f32, E),
+           ("e = -expm1", 2 * E * f32, E), ("b = dt B", E * f32, E), ("e.sum", E * f32, E),
+           ("b.sum", E * f32, E), ("c.sum (expanded view)", 2 * batch * N * L * f32, E)]
+    instr_per_element = 4  # load, math, store, index: an elementwise torch kernel is bytes-bound anyway
+    return [KernelWork("torch", name, "fwd", 132 * 16, 256, n * instr_per_element / 32, nbytes, 32, 0)
+            for name, nbytes, n in ops]
+
+
 def _cuda_functions(results, work_dir):
     """{demangled short name: sass.Function} of the compiled objects."""
     out = {}
@@ -120,23 +138,27 @@ def compile_our_cuda(work_dir, dtype="bfloat16", arch=90, workers=2, reuse=False
 
 def our_cuda_work(functions, ptxas_rows, N, batch, dim, L, dtype):
     """csrc/selective_scan fwd + bwd at the shape (launch geometry of launch_fwd / launch_bwd)."""
-    t = perf_model.our_cuda_traits(N, L)
+    t = perf_model.our_cuda_traits(N, L, batch, dim, _BYTES[dtype])
     sources = SourceLines([repo_root() / "csrc"])
     tname = {"bfloat16": "bf16", "float16": "fp16", "float32": "float"}[dtype]
-    blocks = math.ceil(dim / t["kChans"]) * batch
     e = _BYTES[dtype]
     works = []
-    for direction, kT in (("fwd", t["kFwdT"]), ("bwd", t["kBwdT"])):
+    # fwd grid (n_slices, groups, batch); bwd grid (n_slots, groups, batch), each block walking
+    # ceil(n_slices / n_slots) slices per chunk (launch_fwd / launch_bwd, bindings.cpp).
+    plans = (("fwd", t["kFwdT"], t["kFwdT"], t["n_slices"] * batch),
+             ("bwd", t["kBwdT"], 64, t["n_slots"] * batch))
+    for direction, kT, stage_t, blocks in plans:
         name = f"selective_scan_{direction}_kernel<{t['kNState']}, true, {tname}>"
         if name not in functions:
             raise perf_model.ModelError(f"no compiled {name} (compiled: {sorted(functions)[:6]} ...)")
         row = next(r for r in ptxas_rows if r["kernel"] == name)
-        consts = {**t, "kT": kT}
+        consts = {**t, "kT": kT, "kStageT": stage_t}
         per_warp, loops = perf_model.dynamic_instructions(functions[name], perf_model.OUR_CUDA_RULES, consts, sources)
         io = batch * dim * L * e
         bc = 2 * batch * N * L * e
         ckpt = batch * dim * t["n_chunks"] * N * 4
-        nbytes = (4 * io + bc + ckpt) if direction == "fwd" else (7 * io + bc + ckpt + 2 * 2 * batch * N * L * 4)
+        partials = 2 * t["n_slots"] * batch * L * N * 4  # dB / dC per slot: written, then summed
+        nbytes = (4 * io + bc + ckpt) if direction == "fwd" else (7 * io + bc + ckpt + 2 * partials)
         works.append(KernelWork("cuda", name, direction, blocks, t["kThreads"], per_warp * blocks * 4, nbytes,
                                 int(row["regs"]), int(row["smem"]), loops))
     return works

@@ -1,13 +1,16 @@
 """csrc/ compiled for sm_90 with ``nvcc -Xptxas -v`` against torch's CPU headers: one row per kernel
 instantiation (registers, stack, spills, static shared memory), checked against declared budgets.
 
-CI compiles with ``-DCOMPRESSM_MAMBA_FAST_COMPILE_CHECK`` (the reduced instantiation list that
-tests/ops/test_cuda_compile.py uses; every .cu and every switch still compiled) for sm_90 only;
+The objects are the session's one csrc build (tests/csrc_build.py: ``-DCOMPRESSM_MAMBA_FAST_COMPILE_CHECK``,
+the reduced instantiation list; every .cu and every switch still compiled), shared with
+tests/ops/test_cuda_compile.py; its sm_90 rows are checked here;
 ``bench/static_report.py`` compiles every instantiation and writes the table.  Skipped where nvcc is
 missing.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -34,10 +37,20 @@ STATIC_SMEM_BYTES = 48 * 1024
 
 
 @pytest.fixture(scope="module")
-def cuda_rows(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cuda_ptxas")
-    results = cuda_ptxas.run_jobs(cuda_ptxas.project_sources(out, arch=90, fast=True), workers=2, timeout_s=900)
-    return results, cuda_ptxas.resource_rows(results)
+def cuda_rows(csrc_build, tmp_path_factory):
+    """ptxas -v rows (sm_90) of the session's one csrc build (tests/csrc_build.py, shared with
+    tests/ops/test_cuda_compile.py).  Where TORCH_CUDA_ARCH_LIST leaves sm_90 out, csrc is compiled
+    here for sm_90 alone."""
+    procs, out_dir = csrc_build
+    results = [cuda_ptxas.CompileResult(cuda_ptxas.CompileJob(Path(src).parts[1], src, str(out_dir / src)),
+                                        proc.returncode, proc.stdout + proc.stderr, 0.0)
+               for src, proc in procs.items() if src.endswith(".cu")]
+    rows = [r for r in cuda_ptxas.resource_rows(results) if r["error"] or r["arch"] == "sm_90"]
+    if not any(r["arch"] == "sm_90" for r in rows):
+        out = tmp_path_factory.mktemp("cuda_ptxas")
+        results = cuda_ptxas.run_jobs(cuda_ptxas.project_sources(out, arch=90, fast=True), workers=2, timeout_s=900)
+        rows = cuda_ptxas.resource_rows(results)
+    return results, rows
 
 
 @needs_nvcc

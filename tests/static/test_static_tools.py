@@ -109,6 +109,26 @@ def test_predicted_time_scales_with_work_and_occupancy():
     assert memory_bound.ms == pytest.approx((10.0, 10.0))
 
 
+def test_under_filled_wave_is_charged_once():
+    """Empty resident slots cost nothing by themselves: 3 blocks per SM take the same time whether 3 or
+    7 fit, and a grid smaller than the GPU runs each block at the one-block, latency-bound rate."""
+    work = perf_model.KernelWork("x", "k", "bwd", blocks=132 * 3, threads=128, warp_instr=132 * 3 * 1e6, bytes=0,
+                                 regs=168, smem=0)  # 3 blocks fit per SM
+    roomy = perf_model.KernelWork(**{**work.__dict__, "regs": 64})  # 8 fit
+    assert perf_model.predict(roomy).blocks_per_sm > perf_model.predict(work).blocks_per_sm
+    assert perf_model.predict(roomy).ms == pytest.approx(perf_model.predict(work).ms)
+    # 3 blocks of 4 warps: 3 warps per scheduler, 3/4 of the latency hidden.
+    rate = 4 * 1.98e9
+    assert perf_model.predict(work).ms[0] == pytest.approx(3 * 1e6 / (rate * 0.75 * 0.75) * 1e3)
+    small = perf_model.KernelWork(**{**work.__dict__, "blocks": 100, "warp_instr": 100 * 1e6})
+    one = perf_model.KernelWork(**{**work.__dict__, "blocks": 132, "warp_instr": 132 * 1e6})
+    assert perf_model.predict(small).ms == pytest.approx(perf_model.predict(one).ms)
+    # Two rounds of 3 then a remainder of 1 block at a quarter of the occupancy.
+    seven = perf_model.KernelWork(**{**work.__dict__, "blocks": 132 * 7, "warp_instr": 132 * 7 * 1e6})
+    expect = (2 * 3 * 1e6 / (rate * 0.75 * 0.75) + 1e6 / (rate * 0.75 * 0.25)) * 1e3
+    assert perf_model.predict(seven).ms[0] == pytest.approx(expect)
+
+
 def test_occupancy_rules():
     assert blocks_per_sm(90, 128, 64, 0) == 8  # 64 regs x 128 threads: 8 blocks fill 64K registers
     assert blocks_per_sm(90, 128, 255, 0) == 2
