@@ -4,7 +4,8 @@ Backends: ``reference`` (loops over tokens; the spec), ``torch`` (chunked, vecto
 (compressm_mamba.kernels.gramians: tiled over the N×N output, batched over (batch, dim); the
 weighted-Gram matrix-product form when A's rows are constant, as for Mamba2 heads), ``cuda`` (the
 compiled extension, when built), ``auto`` (the fastest available for the device).  ``mean_lti`` is
-cheap token means and always runs in torch.
+cheap token means and always runs in torch (``torch_backend.gramians.mean_lti_sums``: no
+(batch, dim, N, L) intermediates).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from ..checks import check_gramian_inputs
 from ..reference.gramians import ESTIMATORS, GramianStatistics, gramian_statistics, gramians_from_statistics
-from ..torch_backend.gramians import gramian_sums_chunked
+from ..torch_backend.gramians import gramian_sums_chunked, mean_lti_sums
 from .selective_scan import resolve_backend
 
 __all__ = ["gramian_sums", "gramians"]
@@ -33,7 +34,9 @@ def gramian_sums(
     N = check_gramian_inputs(delta, A, B, C, delta_bias, mask)
     kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, mask=mask)
     if estimator == "mean_lti":
-        return gramian_statistics(delta, A, B, C, estimator=estimator, **kw)
+        if backend == "reference":
+            return gramian_statistics(delta, A, B, C, estimator=estimator, **kw)
+        return mean_lti_sums(delta, A, B, C, **kw)
     chosen = resolve_backend(backend, delta.device, N, op="gramian_sums")
     if chosen == "reference":
         return gramian_statistics(delta, A, B, C, estimator=estimator, **kw)

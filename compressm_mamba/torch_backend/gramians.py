@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 
 from ..reference.gramians import GramianStatistics, _outer, _safe_ratio, lti_denominator, token_system
-from ..reference.selective_scan import discretize_delta
+from ..checks import check_gramian_inputs
+from ..reference.selective_scan import _compute_dtype, discretize_delta
 
-__all__ = ["gramian_sums_chunked"]
+__all__ = ["gramian_sums_chunked", "mean_lti_sums"]
 
 # Elements per intermediate block: bounds memory to ~64 MB (float32) whatever the shapes.
 _BLOCK_ELEMENTS = 1 << 24
@@ -106,3 +107,47 @@ def _ltv(log_decay, b, c, real):
         cE = c[..., sl] * E  # c_s ⊙ exp(A S_s): the chunk's tokens seen from before its first token
         Q_in = _outer(E[..., -1]) * Q_in + cE @ cE.transpose(-1, -2)
     return P_sum, Q_sum
+
+
+def mean_lti_sums(delta, A, B, C, *, delta_bias=None, delta_softplus=False, mask=None):
+    """``mean_lti`` token sums without the (batch, dim, N, L) system tensors.
+
+    Same contract as ``reference.gramians.gramian_statistics(..., estimator="mean_lti")``: sums over
+    batch and real tokens of e_t = -expm1(dt_t A) and b_t = dt_t B_t, each (dim, N), and of c_t = C_t
+    expanded to channels.  The reference forms a, e, b and c at (batch, dim, N, L) — four tensors of
+    26 GB each in fp32 at (8, 3072, 2048, N=128), more than a training step can spare on a GPU.  Here
+    sum_t dt_t B_t is a per-group matrix product, sum_t C_t does not depend on the channel, and only
+    sum_t e_t needs a (batch, dim, N, T) block, made one chunk of time at a time.
+
+    delta: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or (batch, ngroups, N, L); mask: (batch, L).
+    Sums are float32 (float64 for float64 delta).
+    """
+    check_gramian_inputs(delta, A, B, C, delta_bias, mask)
+    batch, dim, L = delta.shape
+    N = A.shape[1]
+    cdt = _compute_dtype(delta.dtype)
+    dt = discretize_delta(delta.to(cdt), None if delta_bias is None else delta_bias.to(cdt), delta_softplus)
+    if mask is None:
+        count = batch * L
+        real = None
+    else:
+        real = mask.to(cdt)
+        count = int(mask.bool().sum())
+        dt = dt * real[:, None, :]  # a padding token: dt = 0, so e = 0 and b = 0
+    B4 = (B if B.dim() == 4 else B.unsqueeze(1)).to(cdt)
+    C4 = (C if C.dim() == 4 else C.unsqueeze(1)).to(cdt)
+    G = B4.shape[1]
+    if real is not None:
+        C4 = C4 * real[:, None, None, :]
+    # b: per group g, sum over batch and time of dt (batch, dim/G, L) x B_g (batch, N, L) -> (dim/G, N)
+    dt_g = dt.reshape(batch, G, dim // G, L)
+    b_sum = torch.einsum("bgdl,bgnl->gdn", dt_g, B4).reshape(dim, N)
+    c_sum = C4.sum((0, 3)).repeat_interleave(dim // G, dim=0)  # (dim, N)
+    A_c = A.to(cdt)
+    e_sum = torch.zeros(dim, N, dtype=cdt, device=delta.device)
+    T = _chunk_length(batch * dim * N, L, square=False)
+    for t0 in range(0, L, T):
+        block = dt[:, :, t0:t0 + T].unsqueeze(2) * A_c[None, :, :, None]  # (batch, dim, N, T)
+        e_sum -= torch.expm1(block).sum((0, 3))
+    return GramianStatistics("mean_lti", count, {"e": e_sum, "b": b_sum, "c": c_sum})
+

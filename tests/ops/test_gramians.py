@@ -28,6 +28,31 @@ def test_torch_backend_matches_reference(estimator, L, N, ngroups, small_blocks,
         assert_close(got.sums[k], ref.sums[k], rtol=1e-10, atol=1e-12, name=k)
 
 
+@pytest.mark.parametrize("L, N, ngroups", [(1, 1, None), (7, 12, 2), (63, 13, None), (63, 16, 4)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("small_blocks", [False, True])
+def test_mean_lti_sums_match_reference_without_system_tensors(L, N, ngroups, dtype, small_blocks, monkeypatch):
+    if small_blocks:  # several time chunks for the e sum
+        monkeypatch.setattr(torch_gramians, "_BLOCK_ELEMENTS", 2 * 4 * N)
+    delta, A, B, C, bias = random_gramian_inputs(batch=2, dim=4, N=N, L=L, ngroups=ngroups, seed=L + N + 1)
+    delta, A, B, C, bias = (x.to(dtype) for x in (delta, A, B, C, bias))
+    mask = torch.ones(2, L, dtype=torch.bool)
+    mask[0, : L // 3] = False  # left padding
+    if L > 4:
+        mask[1, 3] = False  # a hole
+    for kw in (dict(delta_bias=bias, delta_softplus=True, mask=mask), dict()):
+        ref = gramian_statistics(delta.double(), A.double(), B.double(), C.double(), estimator="mean_lti",
+                                 **{k: (v.double() if k == "delta_bias" else v) for k, v in kw.items()})
+        got = torch_gramians.mean_lti_sums(delta, A, B, C, **kw)
+        assert got.count == ref.count and got.estimator == "mean_lti"
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        for k in ("e", "b", "c"):
+            assert got.sums[k].dtype == dtype
+            assert_close(got.sums[k].double(), ref.sums[k], name=k, **tol)
+    # the op runs it for mean_lti on every backend but the reference
+    assert ops.gramian_sums(delta, A, B, C, estimator="mean_lti", backend="torch").sums["e"].dtype == dtype
+
+
 def test_auto_and_mean_lti():
     delta, A, B, C, bias = random_gramian_inputs(batch=2, dim=3, N=6, L=20, seed=2)
     for est in ("mean_lti", "frozen", "ltv"):
