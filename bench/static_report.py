@@ -142,8 +142,8 @@ def prediction_rows(env: dict, workers: int, with_mamba: bool, work_dir: str | N
         print(f"triton gramians: no prediction: {e}")
     preds = [perf_model.predict(w) for w in predictions.mean_lti_torch_work(GRAM_N, b, d, L, dt)]
     rows.append(_pred_row(env, "torch", "gramian mean_lti (collection pass)", GRAM_N, shape, preds,
-                          note="analytic: torch ops of reference.gramian_statistics, memory-bound; "
-                          f"peak ~{4 * 4 * b * d * GRAM_N * L / 1e9:.0f} GB of fp32 (batch, dim, N, L) tensors"))
+                          note="analytic: torch ops of torch_backend.gramians.mean_lti_sums, memory-bound; "
+                          "the (batch, dim, N, L) system made one time chunk at a time"))
     return rows
 
 

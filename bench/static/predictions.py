@@ -98,18 +98,19 @@ def triton_gram_work(N, batch, dim, L, dtype, estimator="ltv"):
 
 
 def mean_lti_torch_work(N, batch, dim, L, dtype):
-    """The ``mean_lti`` collection pass as ``ops.gramian_sums`` runs it (every backend): torch ops of
-    ``reference.gramian_statistics`` on full fp32 (batch, dim, N, L) tensors, no compiled code to read.
+    """The ``mean_lti`` collection pass as ``ops.gramian_sums`` runs it (every backend but the
+    reference): ``torch_backend.gramians.mean_lti_sums``, torch ops, no compiled code to read.
     Modelled as one memory-bound elementwise launch per torch op (each tensor read / written once,
-    a few warp-instructions per element): dt cast; dt A; exp (``a``, unused by mean_lti); expm1 and
-    its negation (``e``); dt B; the three sums over (batch, L) (``c`` is an expanded view: its sum
-    reads the small C, but still iterates every element)."""
-    E = batch * dim * N * L  # elements of one (batch, dim, N, L) tensor
+    a few warp-instructions per element): dt cast; sum_t dt B as a per-group matmul (reads dt and B
+    once); sum C over (batch, L) (reads C); per time chunk, the (batch, dim, N, T) block dt A, its
+    expm1 and its sum over (batch, T) — the only work at the size of the system."""
+    E = batch * dim * N * L  # elements of one (batch, dim, N, L) tensor, made a chunk at a time
     f32, e_in = 4, _BYTES[dtype]
-    ops = [("dt = delta.float()", batch * dim * L * (e_in + f32), batch * dim * L),
-           ("dtA = dt A", E * f32, E), ("a = exp(dtA)", 2 * E * f32, E), ("expm1(dtA)", 2 * E * f32, E),
-           ("e = -expm1", 2 * E * f32, E), ("b = dt B", E * f32, E), ("e.sum", E * f32, E),
-           ("b.sum", E * f32, E), ("c.sum (expanded view)", 2 * batch * N * L * f32, E)]
+    small = batch * dim * L
+    ops = [("dt = delta.float()", small * (e_in + f32), small),
+           ("sum dt B (matmul)", (small + batch * N * L) * f32, small * N // 32),
+           ("sum C", batch * N * L * f32, batch * N * L),
+           ("block = dt A", E * f32, E), ("expm1(block)", 2 * E * f32, E), ("block.sum", E * f32, E)]
     instr_per_element = 4  # load, math, store, index: an elementwise torch kernel is bytes-bound anyway
     return [KernelWork("torch", name, "fwd", 132 * 16, 256, n * instr_per_element / 32, nbytes, 32, 0)
             for name, nbytes, n in ops]
