@@ -1,5 +1,7 @@
 """The offline MQAR generator (compressm_mamba.app.mqar)."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -7,6 +9,9 @@ from compressm_mamba.app.mqar import (HELD_OUT_SEED_OFFSET, MQAR_FILLER, MQARSpe
                                       mqar_tensors)
 
 SPEC = MQARSpec(pairs=6, seq_len=48, vocab=32)
+
+# The held-out split and the CLI run build `datasets.Dataset`s (the Trainer path); the generator does not.
+needs_datasets = pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs datasets")
 
 
 def test_same_seed_same_sequences_other_seed_others():
@@ -54,6 +59,7 @@ def test_only_answer_positions_are_in_the_loss():
     assert not mask[:, : 2 * SPEC.pairs].any()  # the context is never a target
 
 
+@needs_datasets
 def test_held_out_uses_another_seed():
     train, test = mqar_splits(16, 16, SPEC, seed=0)
     held, _ = mqar_tensors(16, SPEC, seed=HELD_OUT_SEED_OFFSET)
@@ -67,6 +73,7 @@ def test_bad_knobs_are_refused(kw):
         MQARSpec(**{**dict(pairs=4, seq_len=32, vocab=32), **kw})
 
 
+@needs_datasets
 def test_accuracy_reads_the_answer_positions():
     train, _ = mqar_splits(4, 1, SPEC, seed=0)
 
@@ -84,6 +91,8 @@ def test_accuracy_reads_the_answer_positions():
     assert acc == 1.0 and loss < 1e-6
 
 
+@needs_datasets
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="the Trainer needs accelerate")
 def test_finetune_on_mqar_from_the_cli(tmp_path, capsys):
     import json
 
