@@ -54,7 +54,7 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
   partials of y / du / ddelta across programs would cost 12 B per element and split, beyond the 2x
   inputs rule).  ``backward_plan`` picks KS = 4 from N >= 32 when the other splits leave the GPU
   short of warps; at N <= 16 KS = 1 compiles to the unsplit kernel.  PREDICTION (SASS counts +
-  bench/static/perf_model, bench/triton_state_split_prediction.py): backward at N = 128 632 SASS per
+  bench/static/perf_model; a one-off sketch since folded into bench/static_report.py): backward at N = 128 632 SASS per
   state per 64 x 8 tile (617 unsplit), 2.00 warps per scheduler instead of 1.45, 32-48 ms instead of
   66-99 ms; fwd+bwd 42-62 ms instead of 76-114, N = 128 / N = 12 10.4x instead of 18.9x.  The
   ceiling is the registers: 255 allow 8 resident warps per SM (2 per scheduler) however it is split.
