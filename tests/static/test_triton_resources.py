@@ -15,8 +15,10 @@ import pytest
 # today and that it was judged acceptable; raising one is a reviewed decision.
 TRITON_SPILL_BYTES = {
     # The redesigned backward (main 2a19ae3) at 255 registers, fp32 inputs, N = 128 / 256 on sm_90:
-    # 16 / 24 bytes (ptxas, Triton 3.7.1).  Recorded, to be judged by whoever tunes that kernel.
-    "_scan_bwd_kernel": 32,
+    # 16 / 24 bytes (ptxas, Triton 3.7.1); with the state splits (KS = 2, N = 33..64, fp32 inputs)
+    # 52 bytes.  fp16/bf16 inputs, the training dtypes, do not spill.  Recorded, to be judged by
+    # whoever brings that kernel's registers down (the open Triton target of issue 12).
+    "_scan_bwd_kernel": 64,
     # Two fp32 accumulator tiles of the constant-row Gram kernel: 24 + 24 bytes at N = 65..128 (sm_90).
     "_gram_kernel": 64,
     # The (BLOCK_N, BLOCK_N, BLOCK_T) frozen term at N = 8..16 with mask or bias: up to 48 + 24 bytes.
