@@ -13,7 +13,7 @@ a (BLOCK_D, BLOCK_N) tile of the three sums in registers and walks the tokens of
 batch in (BLOCK_D, BLOCK_T) tiles of delta and (BLOCK_N, BLOCK_T) tiles of B and C, loaded along
 L (contiguous), so every input is read from memory once.  The e term is the cost: one expm1 per
 (b, d, n, t).  It is evaluated in base 2 (log2(e) folded into A once per program):
-x = dt A log2(e), expm1 = exp2(x) - 1 for |x| >= 0.72 (|dt A| >= 1/2) and a degree-8 polynomial
+x = dt A log2(e), expm1 = exp2(x) - 1 for |x| >= 0.72 (|dt A| >= 1/2) and a degree-7 polynomial
 in x below, where exp2(x) - 1 would lose its relative accuracy (e_t of a slow mode is tiny, and
 the Gramian's denominator 1 - a_i a_j is built from it).  (B, D, N, T) terms are accumulated
 elementwise in registers and reduced over T once, at the end.
@@ -53,16 +53,16 @@ _TARGET_PROGRAMS = 1024
 def _expm1_base2(x):
     """expm1(x ln 2) for fp32 x, full relative accuracy everywhere.
 
-    |x| < 0.72 (|x ln 2| < 1/2): x * sum_{k=1..8} (ln 2)^k x^(k-1) / k! in Horner form; the first
-    term left out is below 1.1e-8 relative.  Beyond: exp2(x) - 1, which loses at most ~2 ulp there.
+    |x| < 0.72 (|x ln 2| < 1/2): x p(x), p the degree-6 Chebyshev interpolant of expm1(x ln 2) / x
+    on [-0.72, 0.72] (3.6e-9 relative in exact arithmetic; 1.2e-7, two fp32 ulp, evaluated in fp32
+    by Horner's rule).  Beyond: exp2(x) - 1, which loses at most ~2 ulp there.
     """
-    p = 1.3215486790144305e-06
-    p = p * x + 1.5252733804059838e-05
-    p = p * x + 0.00015403530393381606
-    p = p * x + 0.0013333558146428441
-    p = p * x + 0.009618129107628477
-    p = p * x + 0.055504108664821576
-    p = p * x + 0.2402265069591007
+    p = 1.5345331233690297e-05
+    p = p * x + 0.00015523836886047058
+    p = p * x + 0.0013333317929998703
+    p = p * x + 0.009617816949735528
+    p = p * x + 0.05550411022186669
+    p = p * x + 0.24022652719392137
     p = p * x + 0.6931471805599453
     return tl.where(tl.abs(x) < 0.72, p * x, tl.exp2(x) - 1.0)
 
@@ -166,6 +166,7 @@ def mean_lti_sums(
     block_t: int | None = None,
     splits: int | None = None,
     num_warps: int | None = None,
+    maxnreg: int | None = None,
 ):
     """Token sums of the ``mean_lti`` estimator: (e_sum, b_sum, c_sum), each (dim, N) fp32.
 
@@ -181,7 +182,8 @@ def mean_lti_sums(
         block_d / block_n / block_t: tile of channels, states and tokens (powers of two).
         splits: programs sharing the (batch, time) tokens of one tile (default: enough for about
             1024 programs); their partial sums are added in a fixed order.
-        num_warps: launch setting (ignored by the interpreter).
+        num_warps, maxnreg: launch settings (ignored by the interpreter); maxnreg caps the registers
+            per thread (ptxas spills beyond it).
 
     Returns:
         (e_sum, b_sum, c_sum): the ``sums`` of ``gramian_statistics(..., estimator="mean_lti")``.
@@ -212,11 +214,14 @@ def mean_lti_sums(
         return empty, empty.clone(), empty.clone()
 
     chans = dim // ngroups
-    # 16 x 16 x 16 register tiles: two (B, D, N, T) accumulators of 32 fp32 values per thread at
-    # four warps.  With constant rows only b_sum is (D, N, T): a wider state tile costs nothing more.
+    # (16, 16, 8) register tiles at four warps: 80 registers on sm_90 (six programs per SM), no
+    # spills; larger tiles cut the per-element overhead a little but cost occupancy or spill
+    # (ptxas for sm_90, Triton 3.7.1, bench/static_report.py's model; not tuned on hardware).
+    # With constant rows the expm1 runs once per (d, t): the (D, N, T) b term is all that is left,
+    # and (16, 32, 16) tiles (117 registers, four programs per SM) halve its overhead per element.
     block_d = block_d or _pow2_clamp(chans, 1, 16)
     block_n = block_n or _pow2_clamp(N, 1, 32 if constant_rows else 16)
-    block_t = block_t or _pow2_clamp(L, 1, 16)
+    block_t = block_t or _pow2_clamp(L, 1, 16 if constant_rows else 8)
     for name, v in (("block_d", block_d), ("block_n", block_n), ("block_t", block_t)):
         assert v >= 1 and v & (v - 1) == 0, (name, v)
     num_warps = num_warps or 4
@@ -249,7 +254,7 @@ def mean_lti_sums(
         s_mb, s_ml, dim * N, N,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_MASK=mask is not None,
         CONSTANT_ROWS=bool(constant_rows), BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t,
-        num_warps=num_warps,
+        num_warps=num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     if splits == 1:
         return tuple(p[0] for p in parts)
