@@ -97,6 +97,7 @@ CASES = {
     "N12-L7-positive-dt": (2, 3, 12, 7, 1, True, False, True, False),
     "N24-L33-g2-constant-rows": (2, 6, 24, 33, 2, True, True, True, True),
     "N5-L9-constant-rows-plain": (2, 3, 5, 9, 1, False, False, False, True),
+    "N128-L9-g2-mask": (2, 4, 128, 9, 2, True, True, True, False),
 }
 
 
