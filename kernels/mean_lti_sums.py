@@ -15,7 +15,7 @@ L (contiguous), so every input is read from memory once.  The e term is the cost
 (b, d, n, t).  It is evaluated in base 2 (log2(e) folded into A once per program):
 x = dt A log2(e), expm1 = exp2(x) - 1 for |x| >= 0.72 (|dt A| >= 1/2) and a degree-7 polynomial
 in x below, where exp2(x) - 1 would lose its relative accuracy (e_t of a slow mode is tiny, and
-the Gramian's denominator 1 - a_i a_j is built from it).  (B, D, N, T) terms are accumulated
+the Gramian's denominator 1 - a_i a_j is built from it).  The (D, N, T) terms are accumulated
 elementwise in registers and reduced over T once, at the end.
 
 With ``CONSTANT_ROWS`` (Mamba2 heads: A[d, n] = A[d, 0]) the e term does not depend on n and is
@@ -43,7 +43,6 @@ __all__ = ["mean_lti_sums", "DEBUG_FILL_NAN"]
 DEBUG_FILL_NAN = os.environ.get("COMPRESSM_MAMBA_KERNEL_DEBUG", "") == "1"
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_LOG2E = 1.4426950408889634
 # Programs to aim for when splitting the tokens: ~8 per SM of a 132-SM GPU, device-independent so
 # that the result does not depend on the GPU it ran on.
 _TARGET_PROGRAMS = 1024

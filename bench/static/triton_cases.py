@@ -377,7 +377,8 @@ def _ci(arch: int):
 
 def _full(arch: int):
     """The bench's matrix: every case of every op, both ends of every padding class."""
-    return [(scan_cases(), "ends"), (gram_cases(), "ends"), (mean_lti_cases(), "ends"), (update_cases(), "ends")]
+    return [(scan_cases(), "ends"), (gram_cases(), "ends"), (mean_lti_cases(), "ends"),
+            (update_cases(), "ends")]
 
 
 LEVELS = {"ci": _ci, "full": _full}
