@@ -13,7 +13,8 @@
    {12, 16, 128}: our Triton and CUDA scans and mamba_ssm 2.3.2's CUDA scan (from its sdist,
    cached in bench/.cache/), the N=128 / N=12 ratio, the ratio to mamba_ssm at N=16, and the
    Gramian collection pass at N=128 in forward-scan units: ltv (Triton kernel) and mean_lti (the
-   default estimator-to-be; torch ops, modelled as memory-bound).  Rows go to
+   default estimator: its Triton kernel, what runs on a GPU, from its SASS; and the torch
+   backend's ops, modelled as memory-bound).  Rows go to
    bench/results/static_predictions.csv, every one labelled PREDICTION with the model's
    assumptions, with a ``measured_ms`` column filled from any GPU rows of bench/results/*.csv at
    the same (backend, batch, dim, seqlen, N, dtype), so the model's error is read off one table.
@@ -140,6 +141,13 @@ def prediction_rows(env: dict, workers: int, with_mamba: bool, work_dir: str | N
                               note="general A (Mamba1), no mask; P and Q sums"))
     except ModelError as e:
         print(f"triton gramians: no prediction: {e}")
+    try:
+        preds = [perf_model.predict(w) for w in predictions.triton_mean_lti_work(GRAM_N, b, d, L, dt)]
+        rows.append(_pred_row(env, "triton", "gramian mean_lti (collection pass)", GRAM_N, shape, preds,
+                              note="kernels/mean_lti_sums.py, what ops.gramian_sums runs on a GPU; general A "
+                              "(Mamba1), no mask, delta after bias/softplus as the collector passes it"))
+    except ModelError as e:
+        print(f"triton mean_lti: no prediction: {e}")
     preds = [perf_model.predict(w) for w in predictions.mean_lti_torch_work(GRAM_N, b, d, L, dt)]
     rows.append(_pred_row(env, "torch", "gramian mean_lti (collection pass)", GRAM_N, shape, preds,
                           note="analytic: torch ops of torch_backend.gramians.mean_lti_sums, memory-bound; "
@@ -196,6 +204,13 @@ def print_predictions(rows: list[dict]) -> None:
             g, f = get.get((*gram, GRAM_N)), get.get((be, "scan fwd", GRAM_N))
             if g and f:
                 print(f"PREDICTION {gram[1]} at N={GRAM_N} = {g / f:.1f} {be} forward scans (target <= 2)")
+    # The mean_lti pass as it runs on a GPU (kernels/mean_lti_sums.py); the torch line above is the CPU path.
+    g = get.get(("triton", "gramian mean_lti (collection pass)", GRAM_N))
+    for be in ("triton", "cuda"):
+        f = get.get((be, "scan fwd", GRAM_N))
+        if g and f:
+            print(f"PREDICTION gramian mean_lti (Triton kernel) at N={GRAM_N} = {g / f:.2f} {be} forward scans "
+                  "(target <= 2)")
 
 
 def main(argv=None):

@@ -289,6 +289,11 @@ TRITON_GRAM_RULES = [
     TripRule(r"for _ in range\(0, n_b\)", "batch_per_split"),
     TripRule(r"for _t in range\(0, L\)", "L"),
 ]
+# kernels/mean_lti_sums.py: one loop over a program's share of the (batch, time tile) items, a
+# launch argument (the last split may get fewer; the busiest program is what the model charges).
+TRITON_MEAN_LTI_RULES = [
+    TripRule(r"for item in range\(item0, item1\)", "items_per_split"),
+]
 
 OUR_CUDA_RULES = [
     # csrc/selective_scan as redesigned (csrc/README.md): lanes x states per channel, kFwdT-step

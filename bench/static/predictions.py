@@ -97,6 +97,16 @@ def triton_gram_work(N, batch, dim, L, dtype, estimator="ltv"):
                          active_fraction=active)
 
 
+def triton_mean_lti_work(N, batch, dim, L, dtype):
+    """The ``mean_lti`` collection pass on a GPU: ``ops.gramian_sums(estimator="mean_lti")`` runs
+    ``kernels.mean_lti_sums`` (general A, no mask, delta after bias and softplus as the collector
+    passes it), one launch; bytes: delta, B and C read once, the (dim, N) sums written."""
+    from .triton_cases import MODEL_MEAN_LTI_FLAGS, _mean_lti_call
+
+    call = _mean_lti_call(N, dtype, MODEL_MEAN_LTI_FLAGS, batch, dim, L)
+    return _triton_works("triton", [(f"mean_lti N={N}", call)], perf_model.TRITON_MEAN_LTI_RULES, {"L": L})
+
+
 def mean_lti_torch_work(N, batch, dim, L, dtype):
     """The ``mean_lti`` collection pass as ``ops.gramian_sums`` runs it (every backend but the
     reference): ``torch_backend.gramians.mean_lti_sums``, torch ops, no compiled code to read.

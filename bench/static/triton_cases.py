@@ -10,6 +10,8 @@ Axes (each where the op's launchers branch on it):
   delta_softplus, ngroups 1 (3-D B/C) or 2, forward without grad and forward + backward;
 - gramian_sums: N, dtype, estimator frozen / ltv, general A or constant rows (Mamba2 heads),
   mask or not, delta_bias + softplus or not;
+- mean_lti sums (``gramian_sums(estimator="mean_lti")``): N, dtype, general A or constant rows,
+  mask or not, delta_bias + softplus or not, ngroups 1 or 2;
 - selective_state_update (decode step, when the op exists): N, dtype, D / z / dt_bias / softplus,
   fp32 state or state in the input dtype.
 
@@ -155,6 +157,51 @@ def gram_cases(Ns: Iterable[int] = ALL_N, dtypes: Iterable[str] = DTYPES, flag_s
             for flags in flag_sets for dtype in dtypes for N in Ns]
 
 
+# -- mean_lti sums (the default estimator's collection pass) ------------------------------------
+MODEL_MEAN_LTI_FLAGS = (("constant_rows", 0), ("mask", 0), ("bias_softplus", 0), ("groups", 1))
+
+
+def all_mean_lti_flag_sets() -> list[tuple]:
+    """Every constant_rows x mask x (delta_bias + softplus) combination with one group, and the
+    model configuration with 2 groups (an integer specialisation only)."""
+    sets = [(("constant_rows", cr), ("mask", m), ("bias_softplus", b), ("groups", 1))
+            for cr in (0, 1) for m in (0, 1) for b in (0, 1)]
+    return sets + [MODEL_MEAN_LTI_FLAGS[:-1] + (("groups", 2),)]
+
+
+def _mean_lti_call(N, dtype, flags, batch, dim, L):
+    def call():
+        import torch
+
+        from compressm_mamba.ops import gramian_sums
+
+        f = dict(flags)
+        dt = _torch_dtype(dtype)
+        G = f.get("groups", 1)
+        delta = torch.empty(batch, dim, L, dtype=dt)
+        A = -torch.rand(dim, N)
+        if f.get("constant_rows"):
+            A = A[:, :1].expand(dim, N).contiguous()
+        B = torch.empty(batch, G, N, L, dtype=dt)
+        C = torch.empty(batch, G, N, L, dtype=dt)
+        mask = torch.ones(batch, L, dtype=torch.bool) if f.get("mask") else None
+        bias = torch.rand(dim) if f.get("bias_softplus") else None
+        gramian_sums(delta, A, B, C, estimator="mean_lti", delta_bias=bias,
+                     delta_softplus=bool(f.get("bias_softplus")), mask=mask, backend="triton")
+
+    return call
+
+
+def mean_lti_cases(Ns: Iterable[int] = ALL_N, dtypes: Iterable[str] = DTYPES, flag_sets=None,
+                   batch=2, dim=SMALL["dim"], L=SMALL["L"]) -> list[Case]:
+    """mean_lti sum cases (``gramian_sums(estimator="mean_lti", backend="triton")``); CPU tensors
+    (the op reads A's values to detect constant rows)."""
+    if flag_sets is None:
+        flag_sets = all_mean_lti_flag_sets()
+    return [Case("mean_lti_sums", N, dtype, tuple(flags), _mean_lti_call(N, dtype, flags, batch, dim, L))
+            for flags in flag_sets for dtype in dtypes for N in Ns]
+
+
 # -- selective_state_update (the one-token decode step; present once that op family exists) -----
 MODEL_UPDATE_FLAGS = (("D", 1), ("z", 1), ("dt_bias", 1), ("softplus", 1), ("state", "float32"))
 
@@ -210,6 +257,7 @@ def _has_op(name: str) -> bool:
 KERNEL_MODULES = {
     "compressm_mamba.kernels.selective_scan": scan_cases,
     "compressm_mamba.kernels.gramians": gram_cases,
+    "compressm_mamba.kernels.mean_lti_sums": mean_lti_cases,
     "compressm_mamba.kernels.selective_state_update": update_cases,
 }
 
@@ -300,13 +348,16 @@ def _ci(arch: int):
     class in bf16 and at the largest N of every class in fp32 and fp16; every other scan option
     combination (ngroups 2, the no-grad forward) at N = 16 in bf16; the Gramian configurations
     of the collection pass (ltv / frozen x general / constant-row A x mask or not) at the largest
-    N of every class in bf16, and delta_bias + softplus at N = 16; the decode step (when the op
-    exists) at the largest N of every class in every dtype, every option combination at N = 16.
+    N of every class in bf16, and delta_bias + softplus at N = 16; the mean_lti sums in the model
+    configuration at the largest N of every class in bf16 (inputs are upcast on load: fp32 is the
+    same code), every option combination at N = 16 in bf16; the decode step (when the op exists) at the largest N of every class in every
+    dtype, every option combination at N = 16.
     sm_80: the model configurations in bf16 at the largest N of every class.
     """
     if arch == 80:
         return [(scan_cases(dtypes=("bfloat16",), flag_sets=[MODEL_SCAN_FLAGS]), "max"),
                 (gram_cases(dtypes=("bfloat16",), flag_sets=[MODEL_GRAM_FLAGS]), "max"),
+                (mean_lti_cases(dtypes=("bfloat16",), flag_sets=[MODEL_MEAN_LTI_FLAGS]), "max"),
                 (update_cases(dtypes=("bfloat16",), flag_sets=[MODEL_UPDATE_FLAGS]), "max")]
     other = [f for f in all_scan_flag_sets() if f != MODEL_SCAN_FLAGS]
     collection = [f for f in all_gram_flag_sets() if not dict(f)["bias_softplus"]]
@@ -317,6 +368,8 @@ def _ci(arch: int):
         (scan_cases(Ns=(16,), dtypes=("bfloat16",), flag_sets=other), "all"),
         (gram_cases(dtypes=("bfloat16",), flag_sets=collection), "max"),
         (gram_cases(Ns=(16,), dtypes=("bfloat16",), flag_sets=with_bias), "all"),
+        (mean_lti_cases(dtypes=("bfloat16",), flag_sets=[MODEL_MEAN_LTI_FLAGS]), "max"),
+        (mean_lti_cases(Ns=(16,), dtypes=("bfloat16",)), "all"),
         (update_cases(flag_sets=[MODEL_UPDATE_FLAGS]), "max"),
         (update_cases(Ns=(16,), dtypes=("bfloat16",)), "all"),
     ]
@@ -324,7 +377,8 @@ def _ci(arch: int):
 
 def _full(arch: int):
     """The bench's matrix: every case of every op, both ends of every padding class."""
-    return [(scan_cases(), "ends"), (gram_cases(), "ends"), (update_cases(), "ends")]
+    return [(scan_cases(), "ends"), (gram_cases(), "ends"), (mean_lti_cases(), "ends"),
+            (update_cases(), "ends")]
 
 
 LEVELS = {"ci": _ci, "full": _full}

@@ -3,18 +3,25 @@
 Backends: ``reference`` (loops over tokens; the spec), ``torch`` (chunked, vectorised), ``triton``
 (compressm_mamba.kernels.gramians: tiled over the N×N output, batched over (batch, dim); the
 weighted-Gram matrix-product form when A's rows are constant, as for Mamba2 heads), ``cuda`` (the
-compiled extension, when built), ``auto`` (the fastest available for the device).  ``mean_lti`` is
-cheap token means and always runs in torch (``torch_backend.gramians.mean_lti_sums``: no
-(batch, dim, N, L) intermediates).
+compiled extension, when built), ``auto`` (the fastest available for the device).
+
+``mean_lti`` (token means of e, b and c) has its own kernel, ``kernels.mean_lti_sums`` (one pass
+over the inputs, the sums kept in registers), chosen by ``auto`` on a CUDA device where Triton is
+usable and by ``backend="triton"``; elsewhere it runs in torch (``torch_backend.gramians.mean_lti_sums``:
+no (batch, dim, N, L) intermediates).  There is no CUDA C++ kernel for it: ``backend="cuda"`` runs
+the Triton kernel when Triton is usable on the device (else torch), as ``auto`` does.  float64
+inputs (which ask for float64 sums) run in torch on ``auto``; the Triton kernel computes in fp32.
 """
 
 from __future__ import annotations
 
+import torch
 
+from .. import _optional
 from ..checks import check_gramian_inputs
 from ..reference.gramians import ESTIMATORS, GramianStatistics, gramian_statistics, gramians_from_statistics
 from ..torch_backend.gramians import gramian_sums_chunked, mean_lti_sums
-from .selective_scan import resolve_backend
+from .selective_scan import BACKENDS, resolve_backend
 
 __all__ = ["gramian_sums", "gramians"]
 
@@ -34,9 +41,12 @@ def gramian_sums(
     N = check_gramian_inputs(delta, A, B, C, delta_bias, mask)
     kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, mask=mask)
     if estimator == "mean_lti":
-        if backend == "reference":
+        chosen = _mean_lti_backend(backend, delta, N)
+        if chosen == "reference":
             return gramian_statistics(delta, A, B, C, estimator=estimator, **kw)
-        return mean_lti_sums(delta, A, B, C, **kw)
+        if chosen == "torch":
+            return mean_lti_sums(delta, A, B, C, **kw)
+        return _triton_mean_lti(delta, A, B, C, **kw)
     chosen = resolve_backend(backend, delta.device, N, op="gramian_sums")
     if chosen == "reference":
         return gramian_statistics(delta, A, B, C, estimator=estimator, **kw)
@@ -63,6 +73,35 @@ def gramian_sums(
     )
     count = delta.shape[0] * delta.shape[2] if mask is None else int(mask.bool().sum())
     return GramianStatistics(estimator, count, {"P": P, "Q": Q})
+
+
+def _mean_lti_backend(backend: str, delta, N: int) -> str:
+    """reference | torch | triton for the mean_lti sums (see the module docstring)."""
+    if backend in ("reference", "torch"):
+        return backend
+    if backend == "triton":
+        resolve_backend("triton", delta.device, N, op="mean_lti_sums")  # raises if Triton cannot run here
+        if delta.dtype == torch.float64:
+            raise ValueError("backend='triton' computes mean_lti sums in float32; float64 inputs need "
+                             "backend='torch' (or 'auto')")
+        return "triton"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    # auto, and cuda (no CUDA C++ kernel computes these sums): by device and availability only.
+    usable = delta.device.type == "cuda" and _optional.triton_usable(delta.device)
+    return "triton" if usable and delta.dtype != torch.float64 else "torch"
+
+
+def _triton_mean_lti(delta, A, B, C, *, delta_bias=None, delta_softplus=False, mask=None) -> GramianStatistics:
+    from ..kernels.mean_lti_sums import mean_lti_sums as triton_mean_lti_sums
+
+    e, b, c = triton_mean_lti_sums(
+        delta, A.float(), B, C, delta_bias=None if delta_bias is None else delta_bias.float(),
+        delta_softplus=delta_softplus, mask=None if mask is None else mask.bool(),
+        constant_rows=bool((A == A[:, :1]).all()),
+    )
+    count = delta.shape[0] * delta.shape[2] if mask is None else int(mask.bool().sum())
+    return GramianStatistics("mean_lti", count, {"e": e, "b": b, "c": c})
 
 
 def gramians(delta, A, B, C, *, estimator: str = "ltv", delta_bias=None, delta_softplus: bool = False, mask=None,
