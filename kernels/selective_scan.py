@@ -120,11 +120,30 @@ _POISON_ENV = "COMPRESSM_MAMBA_POISON"
 
 # 32 channels per warp (one thread each), one warp per program.
 _NUM_WARPS = 1
-# The backward's channels per program: 64, two channels per thread, so that each warp-sum over
-# channels for dB / dC (5 butterfly steps per value) serves 64 channels, not 32.
-_BWD_BLOCK_D = 64
+# The backward's channels per program: 32, one per thread, like the forward.  (64, two per thread,
+# halves the dB / dC warp-sums per channel but needs 255 registers, 2 warps per scheduler, and
+# spills under any cap that would give more: the module docstring.)
+_BWD_BLOCK_D = 32
 # Resident warps per SM the launch plan aims for (half of the 64 an H100/H200 SM can hold).
 _WARPS_PER_SM = 32
+# Register caps (ptxas .maxnreg, a Triton launch option; the CPU interpreter ignores it), each the
+# most that still gives the residency the launch plan counts on, per thread: the backward's full
+# pass 128 (16 warps per SM, 4 per scheduler: what hides latency; left to itself ptxas takes 168,
+# 12 warps), the forward's full pass 72 (28 one-warp programs per SM; it needs 69-72) and its local
+# pass 64 (32 per SM, the most blocks an SM holds).  tests/static compiles every configuration
+# and fails on a spill, so a cap that forced one would be seen.
+_BWD_MAXNREG = 128
+_FWD_MAXNREG = 72
+_FWD_LOCAL_MAXNREG = 64
+# Registers per SM and the most blocks an SM holds (sm_80 / sm_90), for the residency of a cap.
+_REGS_PER_SM = 65536
+_MAX_BLOCKS_PER_SM = 32
+
+
+def _resident_blocks(maxnreg: int, num_warps: int) -> int:
+    """Blocks of ``num_warps`` warps an SM holds at ``maxnreg`` registers per thread (allocation in 256s per warp)."""
+    per_warp = -(-maxnreg * 32 // 256) * 256
+    return max(1, min(_MAX_BLOCKS_PER_SM, 64 // num_warps, _REGS_PER_SM // (per_warp * num_warps)))
 
 
 @triton.jit
@@ -611,17 +630,36 @@ def _sm_count(device) -> int:
     return 132  # an H100 / H200: what the launch plan is sized for when no GPU says otherwise
 
 
-def _time_splits(programs: int, num_warps: int, n_units: int, device, n_splits: int | None, cap: int | None = None):
+def _time_splits(programs: int, num_warps: int, n_units: int, device, n_splits: int | None, cap: int | None = None,
+                 resident: int | None = None):
     """(n_splits, units_per_split): split time only as far as ``programs`` cannot fill the GPU.
 
     A unit is a tile (forward) or a chunk (backward).  ``cap`` bounds the splits (scratch memory).
+    The least splits that reach the target warps per SM, or, given ``resident`` (blocks an SM holds
+    at once), the split count up to twice that many which wastes the least on partial waves: equal
+    programs run in waves of ``resident`` per SM, and the last, partial, wave takes a whole wave's
+    time once it holds fewer than 4 warps per scheduler (latency-bound).  E.g. 768 one-warp programs
+    on 132 SMs: 6 splits give 35 per SM, a wave of 28 and a tail of 7 (44 waves' worth of program
+    time for 35 programs' work); 8 splits give 47 per SM, 28 + 19, nearly no tail.
     """
     n_units = max(n_units, 1)
     if n_splits is None:
-        target = _sm_count(device) * _WARPS_PER_SM // num_warps
+        sms = _sm_count(device)
+        target = sms * _WARPS_PER_SM // num_warps
         n_splits = -(-target // max(programs, 1))
         if cap is not None:
             n_splits = min(n_splits, cap)
+        if resident is not None:
+            hide = 4 * 4  # warps per SM below which a wave runs latency-bound (4 schedulers x 4)
+
+            def cost(s):  # the busiest SM's program-time, in units of one unit of work
+                per_sm = -(-programs * s // sms)
+                full, tail = divmod(per_sm, resident)
+                wave = max(resident, hide // num_warps)
+                return (full * wave + (max(tail, hide // num_warps) if tail else 0)) * -(-n_units // s)
+
+            top = min(2 * n_splits, n_units, cap if cap is not None else n_units)
+            n_splits = min(range(max(1, min(n_splits, top)), max(1, top) + 1), key=cost)
     n_splits = max(1, min(n_splits, n_units))
     per = -(-n_units // n_splits)
     return -(-n_units // per), per
@@ -724,8 +762,8 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
     # Splits are whole chunks, so that every checkpoint is written by the pass that owns its chunk.
     splits, chunks_per_split = _time_splits(batch * ngroups * blocks_per_group, num_warps * n_state_splits, n_chunks,
-                                            u.device,
-                                            n_splits)
+                                            u.device, n_splits,
+                                            resident=_resident_blocks(_FWD_MAXNREG, num_warps * n_state_splits))
     tiles_per_split = chunks_per_split * tiles_per_chunk
 
     out = _empty((batch, dim, L), u.dtype, u.device, poison)
@@ -743,7 +781,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     grid = (ngroups * blocks_per_group, batch, splits)
     if splits > 1:
         dtsum = _empty((batch, splits, dim), torch.float32, u.device, poison)
-        _scan_fwd_kernel[grid](*args, dtsum, *sizes, LOCAL=True, **flags)
+        _scan_fwd_kernel[grid](*args, dtsum, *sizes, LOCAL=True, maxnreg=_FWD_LOCAL_MAXNREG, **flags)
         # Carry pass: the state at split s's start from split s-1's local end state and its total
         # decay exp2(A2 * sum of dt); carry[:, s] becomes that start.
         decay = torch.exp2(A2t[None, None] * dtsum[:, :, None, :])  # (batch, splits, N, dim)
@@ -751,7 +789,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
         carry[:, 0] = 0.0
         for s in range(1, splits):
             carry[:, s] = local_end[:, s - 1] + decay[:, s - 1] * carry[:, s - 1]
-    _scan_fwd_kernel[grid](*args, carry, *sizes, LOCAL=False, **flags)
+    _scan_fwd_kernel[grid](*args, carry, *sizes, LOCAL=False, maxnreg=_FWD_MAXNREG, **flags)
     last_state = carry[:, splits - 1].transpose(1, 2).contiguous()
     return out, last_state, checkpoints
 
@@ -785,7 +823,8 @@ def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, inpu
     if tiles_per_chunk == 1:
         scratch_per_split = 0
     cap = max(1, (input_bytes // 2) // max(1, scratch_per_split))
-    splits, chunks_per_split = _time_splits(batch * ngroups * d_splits, num_warps, n_chunks, device, n_splits, cap)
+    splits, chunks_per_split = _time_splits(batch * ngroups * d_splits, num_warps, n_chunks, device, n_splits, cap,
+                                            resident=_resident_blocks(_BWD_MAXNREG, num_warps))
     if n_state_splits is None:
         want = _sm_count(device) * _WARPS_PER_SM / max(1, batch * ngroups * d_splits * splits * num_warps)
         n_state_splits = 1
@@ -869,6 +908,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
                 math.ceil(L / BLOCK_T), plan["tiles_per_chunk"], n_chunks, plan["chunks_per_split"],
                 dBC_part[1].storage_offset(),
                 LOCAL=local, ONE_TILE_CHUNKS=plan["tiles_per_chunk"] == 1, **flags,
+                # The local pass needs far fewer registers (61-121); the cap is the full pass's.
+                **({} if local else {"maxnreg": _BWD_MAXNREG}),
             )
 
         if splits > 1:
