@@ -143,6 +143,13 @@ _WARPS_PER_SM = 32
 # pass 64 (32 per SM, the most blocks an SM holds).  tests/static compiles every configuration
 # and fails on a spill, so a cap that forced one would be seen.
 _BWD_MAXNREG = 128
+# The cap holds only where it compiles without a spill in every configuration tried: one warp per
+# program (no state splits) and D present (the mamba configuration).  Elsewhere ptxas spills under
+# it, erratically: without D, bf16 N = 16, sm_90, z without delta_bias 148 B at 128 (at 144, 0 B
+# with softplus, 72 B without); state splits on sm_80 88-156 B, on sm_90 24 B at N = 33.  Those
+# run uncapped; the plan counts on what ptxas takes when left alone (168 registers, 12 warps per SM).
+_BWD_MAXNREG_NO_D = None
+_BWD_UNCAPPED_REGS = 168
 _FWD_MAXNREG = 72
 _FWD_LOCAL_MAXNREG = 64
 # Registers per SM and the most blocks an SM holds (sm_80 / sm_90), for the residency of a cap.
@@ -805,7 +812,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
 
 
 def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, input_bytes, device, *,
-                  block_d=None, n_splits=None, d_splits=None, n_state_splits=None):
+                  block_d=None, n_splits=None, d_splits=None, n_state_splits=None, maxnreg=_BWD_MAXNREG):
     """The backward's launch plan, a dict (tile sizes, channel splits P, time splits, state splits, scratch bytes).
 
     P (channel splits, each with its own fp32 dB/dC partial, 8 batch G P N L bytes) is the most
@@ -834,14 +841,16 @@ def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, inpu
         scratch_per_split = 0
     cap = max(1, (input_bytes // 2) // max(1, scratch_per_split))
     splits, chunks_per_split = _time_splits(batch * ngroups * d_splits, num_warps, n_chunks, device, n_splits, cap,
-                                            resident=_resident_blocks(_BWD_MAXNREG, num_warps))
+                                            resident=_resident_blocks(maxnreg or _BWD_UNCAPPED_REGS, num_warps))
     if n_state_splits is None:
         want = _sm_count(device) * _WARPS_PER_SM / max(1, batch * ngroups * d_splits * splits * num_warps)
         n_state_splits = 1
         while n_state_splits < min(4, want) and N >= 32 * n_state_splits:
             n_state_splits *= 2
     n_state_splits = _check_state_splits(n_state_splits, N)
-    return dict(BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps, n_state_splits=n_state_splits,
+    if n_state_splits > 1:
+        maxnreg = None  # spills under the cap (see _BWD_MAXNREG_NO_D)
+    return dict(BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps, n_state_splits=n_state_splits, maxnreg=maxnreg,
                 tiles_per_chunk=tiles_per_chunk,
                 blocks_per_group=blocks_per_group, d_splits=d_splits, blocks_per_psplit=per_p, n_splits=splits,
                 chunks_per_split=chunks_per_split, partial_bytes=8 * batch * ngroups * d_splits * N * L,
@@ -886,7 +895,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
     assert checkpoints.is_contiguous(), "checkpoints must be contiguous"
     input_bytes = sum(t.numel() * t.element_size() for t in (dout, u, delta, z, B, C) if t is not None)
     plan = backward_plan(batch, dim, L, N, ngroups, u.dtype, B.dtype, chunk_size, input_bytes, u.device,
-                         block_d=block_d, n_splits=n_splits, d_splits=d_splits, n_state_splits=n_state_splits)
+                         block_d=block_d, n_splits=n_splits, d_splits=d_splits, n_state_splits=n_state_splits,
+                         maxnreg=_BWD_MAXNREG if D is not None else _BWD_MAXNREG_NO_D)
     BLOCK_T, BLOCK_D, P, splits = plan["BLOCK_T"], plan["BLOCK_D"], plan["d_splits"], plan["n_splits"]
     dev = u.device
     f32 = torch.float32
@@ -919,7 +929,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
                 dBC_part[1].storage_offset(),
                 LOCAL=local, ONE_TILE_CHUNKS=plan["tiles_per_chunk"] == 1, **flags,
                 # The local pass needs far fewer registers (61-121); the cap is the full pass's.
-                **({} if local else {"maxnreg": _BWD_MAXNREG}),
+                **({} if local or plan["maxnreg"] is None else {"maxnreg": plan["maxnreg"]}),
             )
 
         if splits > 1:
