@@ -6,9 +6,9 @@ validation, contiguity, viewing 3-D B/C as one group and the autograd wrapper li
 Costs quoted below are PREDICTIONS from the sm_90 SASS of these kernels (Triton 3.7.1 AOT) and an
 issue-rate model, not measurements.  The project's prediction (bench/static_report.py, bench/README.md)
 at (batch 8, dim 3072, L 2048) bf16 on an H200, fwd+bwd: 4.3 ms at N = 16 (1.04x mamba_ssm),
-3.5 ms at N = 12, 33 ms at N = 128 (9.6x N = 12), with the backward at one channel per thread under
-a 128-register cap and wave-filling time splits (below); before them 6.0 ms (1.44x), 4.7 and 51 ms:
-the backward then ran 255 registers, 2 warps per scheduler.
+3.5 ms at N = 12, 40 ms at N = 128 (11.6x N = 12), with the backward at one channel per thread
+(under a 128-register cap at N <= 16) and wave-filling time splits (below); before them 6.0 ms
+(1.44x), 4.7 and 51 ms: the backward then ran 255 registers, 2 warps per scheduler.
 
 The problem: an element-wise linear recurrence over (batch, channel d, state n) lanes along time,
 h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plus reductions over n
@@ -54,9 +54,10 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
   partials of y / du / ddelta across programs would cost 12 B per element and split, beyond the 2x
   inputs rule).  ``backward_plan`` picks KS = 4 from N >= 32 when the other splits leave the GPU
   short of warps; at N <= 16 KS = 1 compiles to the unsplit kernel.  PREDICTION
-  (bench/static_report.py): the backward at N = 128, 4-warp programs under the 128-register cap
-  (4 warps per scheduler), 26 ms (local 3.7 + full 22.2); with 64-channel blocks at 255 registers
-  (2 per scheduler) it was 41 ms.
+  (bench/static_report.py): the backward at N = 128, 4-warp programs of 32 channels at 168
+  registers (3 warps per scheduler; uncapped: under the 128 cap state splits spill on sm_80), 33 ms;
+  with 64-channel blocks at 255 registers (2 per scheduler) it was 41 ms; capped on sm_90 (no spill
+  there) it would be 26 ms.
 
 * Backward, per chunk (``chunk_size`` steps, the checkpoint interval) in reverse: re-walk the chunk
   forward from its checkpoint keeping only the state at each tile start (a scratch of
@@ -84,8 +85,9 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
   and spill under any cap that would allow more (572 B per thread at 168, 1168 B at 128: ptxas,
   sm_90, Triton 3.7.1).  32 channels take 168 left alone, and 128 under the cap ``_BWD_MAXNREG``
   with no spill and ~5% more instructions (values recomputed instead of kept): 16 programs per
-  SM, 4 warps per scheduler.  PREDICTION (bench/static_report.py), the backward's full pass at
-  N = 16: 3.80 ms with 64 channels, 2.55 ms with 32 under the cap.  A reduce-scatter would need 9
+  SM, 4 warps per scheduler (where it compiles without spills: ``_BWD_MAXNREG_NO_D``).
+  PREDICTION (bench/static_report.py), the backward's full pass at N = 16: 3.80 ms with 64
+  channels, 2.55 ms with 32 under the cap.  A reduce-scatter would need 9
   shuffles for 8 values over 32 lanes instead of 40, but tl.sum lowers to an all-reduce butterfly
   and Triton has no shuffle primitive; inline PTX shuffles would run on no CPU interpreter, so
   nothing here could check them.

@@ -33,12 +33,14 @@ def test_triton_backward_plan_at_the_reference_shape():
     # 768 x 8 = 6144 programs, 47 per SM.
     assert p16["tiles_per_chunk"] == 1 and p16["scratch_bytes"] == 0 and p16["BLOCK_D"] == 32
     assert p16["d_splits"] == 96 and p16["n_splits"] == 8
+    # The register cap (16 warps per SM) where it compiles without spills; state splits run uncapped.
+    assert p16["maxnreg"] == ss._BWD_MAXNREG == 128
     # N = 128: 8 tiles per 64-step chunk; the tile-start scratch caps the time splits below what would
     # fill the GPU, and state splits (warps on disjoint states of the same channels) make up the rest.
     assert p128["tiles_per_chunk"] == 8 and p128["num_warps"] == 1 and p128["scratch_bytes"] > 0
     uncapped, _ = ss._time_splits(8 * p128["d_splits"], 1, 2048 // 64, "cpu", None)
     assert p128["n_splits"] < uncapped, "the N = 128 backward's time splits are no longer capped: update bench/README"
-    assert p128["n_state_splits"] > 1
+    assert p128["n_state_splits"] > 1 and p128["maxnreg"] is None
 
 
 def test_cuda_traits_mirror_the_headers():
