@@ -4,11 +4,11 @@ Mechanism only: the launchers assert shapes and layouts, choose tiles and splits
 validation, contiguity, viewing 3-D B/C as one group and the autograd wrapper live in
 ``compressm_mamba.ops``.  The float64 specification is ``compressm_mamba.reference.selective_scan``.
 Costs quoted below are PREDICTIONS from the sm_90 SASS of these kernels (Triton 3.7.1 AOT) and an
-issue-rate model, not measurements.  The design-time sketch said fwd+bwd 3.7-5.3 ms at N = 16 (1.07x
-mamba_ssm), N = 128 / N = 12 = 8.6x; the project's prediction (bench/static_report.py, which
-charges the backward's low occupancy: 255 registers, 2 warps per scheduler) says
-4.8-7.2 ms at (batch 8, dim 3072, L 2048) bf16 on an H200, 1.44x mamba_ssm, and 10.7x with the
-state splits (bench/README.md).
+issue-rate model, not measurements.  The project's prediction (bench/static_report.py, bench/README.md)
+at (batch 8, dim 3072, L 2048) bf16 on an H200, fwd+bwd: 4.3 ms at N = 16 (1.04x mamba_ssm),
+3.5 ms at N = 12, 40 ms at N = 128 (11.6x N = 12), with the backward at one channel per thread
+(under a 128-register cap at N <= 16) and wave-filling time splits (below); before them 6.0 ms
+(1.44x), 4.7 and 51 ms: the backward then ran 255 registers, 2 warps per scheduler.
 
 The problem: an element-wise linear recurrence over (batch, channel d, state n) lanes along time,
 h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plus reductions over n
@@ -19,9 +19,9 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
   coalescing layout is exactly "time inside a thread").  A warp's 32 channels x 8 steps are read as
   32 full sectors along L, never one element per step at stride L.  Then every scan along time is a
   sequential loop inside a thread: no shuffles, no shared memory (the first design, with time across
-  8 lanes, spent ~170 shuffles per state and tile in the reverse scan alone).  The forward has one
-  channel per thread (BLOCK_D = 32, one warp); the backward two (BLOCK_D = 64, channels d and
-  d + 32 of one warp), for its cross-channel sums (below).
+  8 lanes, spent ~170 shuffles per state and tile in the reverse scan alone).  Both directions have
+  one channel per thread (BLOCK_D = 32, one warp); ``block_d`` = 64 (two per thread) remains an
+  option (below, for why it is not the backward's default).
 
 * States are a runtime loop ``for n in range(N)`` around (BLOCK_D, BLOCK_T) tiles, not a padded
   (BLOCK_D, next_pow2(N)) register tile: N = 12 does 12 iterations, not 16.  Registers do not grow
@@ -41,11 +41,11 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
   ``n_splits`` splits of whole chunks.  A local pass (zero initial carry) gives each split's end state
   and its sum of dt; a sequential carry pass over splits in torch (h_start[s+1] = h_end_local[s] +
   exp2(A2 sum dt[s]) h_start[s], tiny) gives the true starts; the full pass runs from them.  The
-  local pass costs ~0.65x a forward state step; splits are chosen only up to ~32 warps per SM.
+  local pass costs ~0.65x a forward state step; splits are chosen only up to ~32 warps per SM (and
+  then so that the last wave of programs is nearly full, below).
 
 * Parallelism over states where time splits cannot fill the GPU (the backward at large N, whose
-  time splits the tile-start scratch caps: 4 at N = 128 for the reference shape, 768 one-warp
-  programs, 1.45 warps per scheduler): ``n_state_splits`` = KS warps per program on the same
+  time splits the tile-start scratch caps): ``n_state_splits`` = KS warps per program on the same
   channels, warp ks scanning states ks * ceil(N / KS) ... (rows past N are identity maps).  The N
   recurrences are independent; only the sums over n (y; sum_n g B and sum_n g (h - b) A2, which give
   du and ddelta) couple them, and they meet across the warps once per tile (a fixed-order sum
@@ -53,11 +53,11 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
   carries, checkpoints, scratch and dB/dC partials are per state, already disjoint (per-split fp32
   partials of y / du / ddelta across programs would cost 12 B per element and split, beyond the 2x
   inputs rule).  ``backward_plan`` picks KS = 4 from N >= 32 when the other splits leave the GPU
-  short of warps; at N <= 16 KS = 1 compiles to the unsplit kernel.  PREDICTION (SASS counts +
-  bench/static/perf_model; a one-off sketch since folded into bench/static_report.py): backward at N = 128 632 SASS per
-  state per 64 x 8 tile (617 unsplit), 2.00 warps per scheduler instead of 1.45, 32-48 ms instead of
-  66-99 ms; fwd+bwd 42-62 ms instead of 76-114, N = 128 / N = 12 10.4x instead of 18.9x.  The
-  ceiling is the registers: 255 allow 8 resident warps per SM (2 per scheduler) however it is split.
+  short of warps; at N <= 16 KS = 1 compiles to the unsplit kernel.  PREDICTION
+  (bench/static_report.py): the backward at N = 128, 4-warp programs of 32 channels at 168
+  registers (3 warps per scheduler; uncapped: under the 128 cap state splits spill on sm_80), 33 ms;
+  with 64-channel blocks at 255 registers (2 per scheduler) it was 41 ms; capped on sm_90 (no spill
+  there) it would be 26 ms.
 
 * Backward, per chunk (``chunk_size`` steps, the checkpoint interval) in reverse: re-walk the chunk
   forward from its checkpoint keeping only the state at each tile start (a scratch of
@@ -74,18 +74,30 @@ h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A[d, n]), b_t = dt_t u_t B_t[n], plu
   the forward (a local reverse pass, a carry pass over splits, the full pass).
 
 * dB, dC deterministic, without atomics: a program owns (batch, group, channel split p, time split)
-  and walks its 64-channel blocks one after the other, adding each block's sum over channels into
-  its own fp32 partial (batch, group, p, N, L); torch sums the P partials.  P is the largest whose
-  partials fit in the size of the backward's inputs.  The sum over channels is the backward's
-  largest cost: a warp-sum is 5 butterfly steps (SHFL + FADD) for each of a thread's 8 steps, for
-  dB and dC, 80 SHFL per state and tile.  With 32 channels per warp that was ~40% of the state loop
-  (414 SASS instructions per state per 32 x 8 tile); with two channels per thread one in-thread FADD
-  folds them first and the same 80 shuffles serve 64 channels: 606 per state per 64 x 8 tile, 303
-  per 256 element-steps, 27% fewer.  The price is registers: 255 (no spills, bf16) instead of 168,
-  8 resident warps per SM instead of 12, but 16 channel rows (independent recurrences) instead of
-  12.  A reduce-scatter would need 9 shuffles for 8 values over 32 lanes instead of 40, but
-  tl.sum lowers to an all-reduce butterfly and Triton has no shuffle primitive; inline PTX
-  shuffles would run on no CPU interpreter, so nothing here could check them.
+  and walks its channel blocks one after the other, adding each block's sum over channels into its
+  own fp32 partial (batch, group, p, N, L); torch sums the P partials.  P is the largest whose
+  partials fit in the size of the backward's inputs.  The sum over channels is a warp-sum: 5
+  butterfly steps (SHFL + FADD) for each of a thread's 8 steps, for dB and dC, 80 SHFL per state
+  and tile.  Two channels per thread (block_d = 64) would fold them first with one in-thread FADD,
+  so the same shuffles serve 64 channels: 606 SASS instructions per state per 64 x 8 tile (1.18 per
+  element-step) against 403 per 32 x 8 (1.57).  It is not the default because of registers: 64
+  channels take 255 (8 one-warp programs per SM, 2 warps per scheduler, too few to hide latency)
+  and spill under any cap that would allow more (572 B per thread at 168, 1168 B at 128: ptxas,
+  sm_90, Triton 3.7.1).  32 channels take 168 left alone, and 128 under the cap ``_BWD_MAXNREG``
+  with no spill and ~5% more instructions (values recomputed instead of kept): 16 programs per
+  SM, 4 warps per scheduler (where it compiles without spills: ``_BWD_MAXNREG_NO_D``).
+  PREDICTION (bench/static_report.py), the backward's full pass at N = 16: 3.80 ms with 64
+  channels, 2.55 ms with 32 under the cap.  A reduce-scatter would need 9
+  shuffles for 8 values over 32 lanes instead of 40, but tl.sum lowers to an all-reduce butterfly
+  and Triton has no shuffle primitive; inline PTX shuffles would run on no CPU interpreter, so
+  nothing here could check them.
+
+* Launch plans fill whole waves.  Each launch carries a register cap (``_BWD_MAXNREG``,
+  ``_FWD_MAXNREG``, ``_FWD_LOCAL_MAXNREG``), so the plan knows how many programs an SM holds, and
+  ``_time_splits`` picks the split count (up to twice the least that fills the GPU) whose last
+  wave is least empty: at the reference shape 8 time splits (47 one-warp programs per SM: waves
+  of 28 + 19 forward, 16 + 16 + 15 backward) instead of 6 (35 per SM: a wave of 28 and a
+  latency-bound tail of 7, costing a whole wave).
 
 * Memory (bytes; the backward's extra, besides its outputs): dB/dC partials 8 B G P N L (<= the
   inputs' size); tile-start scratch 4 S B G P BLOCK_D (chunk / BLOCK_T) N (<= half of it; S, the
@@ -120,11 +132,37 @@ _POISON_ENV = "COMPRESSM_MAMBA_POISON"
 
 # 32 channels per warp (one thread each), one warp per program.
 _NUM_WARPS = 1
-# The backward's channels per program: 64, two channels per thread, so that each warp-sum over
-# channels for dB / dC (5 butterfly steps per value) serves 64 channels, not 32.
-_BWD_BLOCK_D = 64
+# The backward's channels per program: 32, one per thread, like the forward.  (64, two per thread,
+# halves the dB / dC warp-sums per channel but needs 255 registers, 2 warps per scheduler, and
+# spills under any cap that would give more: the module docstring.)
+_BWD_BLOCK_D = 32
 # Resident warps per SM the launch plan aims for (half of the 64 an H100/H200 SM can hold).
 _WARPS_PER_SM = 32
+# Register caps (ptxas .maxnreg, a Triton launch option; the CPU interpreter ignores it), each the
+# most that still gives the residency the launch plan counts on, per thread: the backward's full
+# pass 128 (16 warps per SM, 4 per scheduler: what hides latency; left to itself ptxas takes 168,
+# 12 warps), the forward's full pass 72 (28 one-warp programs per SM; it needs 69-72) and its local
+# pass 64 (32 per SM, the most blocks an SM holds).  tests/static compiles every configuration
+# and fails on a spill, so a cap that forced one would be seen.
+_BWD_MAXNREG = 128
+# The cap holds only where it compiles without a spill in every configuration tried: one warp per
+# program (no state splits) and D present (the mamba configuration).  Elsewhere ptxas spills under
+# it, erratically: without D, bf16 N = 16, sm_90, z without delta_bias 148 B at 128 (at 144, 0 B
+# with softplus, 72 B without); state splits on sm_80 88-156 B, on sm_90 24 B at N = 33.  Those
+# run uncapped; the plan counts on what ptxas takes when left alone (168 registers, 12 warps per SM).
+_BWD_MAXNREG_NO_D = None
+_BWD_UNCAPPED_REGS = 168
+_FWD_MAXNREG = 72
+_FWD_LOCAL_MAXNREG = 64
+# Registers per SM and the most blocks an SM holds (sm_80 / sm_90), for the residency of a cap.
+_REGS_PER_SM = 65536
+_MAX_BLOCKS_PER_SM = 32
+
+
+def _resident_blocks(maxnreg: int, num_warps: int) -> int:
+    """Blocks of ``num_warps`` warps an SM holds at ``maxnreg`` registers per thread (allocation in 256s per warp)."""
+    per_warp = -(-maxnreg * 32 // 256) * 256
+    return max(1, min(_MAX_BLOCKS_PER_SM, 64 // num_warps, _REGS_PER_SM // (per_warp * num_warps)))
 
 
 @triton.jit
@@ -594,7 +632,7 @@ def tile_config(u_dtype, bc_dtype, chunk_size: int, dim_per_group: int, block_d:
     BLOCK_T is one 16-byte load of the widest of u's and B's dtypes (8 steps of bf16, 4 of fp32), so
     that Triton's coalescing gives every thread whole time runs: the scans along time then run inside
     a thread, with no shuffles (reverse scans too).  BLOCK_D: 32 channels per warp (one per thread),
-    one warp per program, unless ``block_d`` says otherwise (the backward passes 64).
+    one warp per program, unless ``block_d`` says otherwise (64: two channels per thread).
     """
     widest = max(torch.empty((), dtype=u_dtype).element_size(), torch.empty((), dtype=bc_dtype).element_size())
     block_t = min(chunk_size, 16 // widest)
@@ -611,17 +649,36 @@ def _sm_count(device) -> int:
     return 132  # an H100 / H200: what the launch plan is sized for when no GPU says otherwise
 
 
-def _time_splits(programs: int, num_warps: int, n_units: int, device, n_splits: int | None, cap: int | None = None):
+def _time_splits(programs: int, num_warps: int, n_units: int, device, n_splits: int | None, cap: int | None = None,
+                 resident: int | None = None):
     """(n_splits, units_per_split): split time only as far as ``programs`` cannot fill the GPU.
 
     A unit is a tile (forward) or a chunk (backward).  ``cap`` bounds the splits (scratch memory).
+    The least splits that reach the target warps per SM, or, given ``resident`` (blocks an SM holds
+    at once), the split count up to twice that many which wastes the least on partial waves: equal
+    programs run in waves of ``resident`` per SM, and the last, partial, wave takes a whole wave's
+    time once it holds fewer than 4 warps per scheduler (latency-bound).  E.g. 768 one-warp programs
+    on 132 SMs: 6 splits give 35 per SM, a wave of 28 and a tail of 7 (44 waves' worth of program
+    time for 35 programs' work); 8 splits give 47 per SM, 28 + 19, nearly no tail.
     """
     n_units = max(n_units, 1)
     if n_splits is None:
-        target = _sm_count(device) * _WARPS_PER_SM // num_warps
+        sms = _sm_count(device)
+        target = sms * _WARPS_PER_SM // num_warps
         n_splits = -(-target // max(programs, 1))
         if cap is not None:
             n_splits = min(n_splits, cap)
+        if resident is not None:
+            hide = 4 * 4  # warps per SM below which a wave runs latency-bound (4 schedulers x 4)
+
+            def cost(s):  # the busiest SM's program-time, in units of one unit of work
+                per_sm = -(-programs * s // sms)
+                full, tail = divmod(per_sm, resident)
+                wave = max(resident, hide // num_warps)
+                return (full * wave + (max(tail, hide // num_warps) if tail else 0)) * -(-n_units // s)
+
+            top = min(2 * n_splits, n_units, cap if cap is not None else n_units)
+            n_splits = min(range(max(1, min(n_splits, top)), max(1, top) + 1), key=cost)
     n_splits = max(1, min(n_splits, n_units))
     per = -(-n_units // n_splits)
     return -(-n_units // per), per
@@ -724,8 +781,8 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     blocks_per_group = triton.cdiv(dim_per_group, BLOCK_D)
     # Splits are whole chunks, so that every checkpoint is written by the pass that owns its chunk.
     splits, chunks_per_split = _time_splits(batch * ngroups * blocks_per_group, num_warps * n_state_splits, n_chunks,
-                                            u.device,
-                                            n_splits)
+                                            u.device, n_splits,
+                                            resident=_resident_blocks(_FWD_MAXNREG, num_warps * n_state_splits))
     tiles_per_split = chunks_per_split * tiles_per_chunk
 
     out = _empty((batch, dim, L), u.dtype, u.device, poison)
@@ -743,7 +800,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     grid = (ngroups * blocks_per_group, batch, splits)
     if splits > 1:
         dtsum = _empty((batch, splits, dim), torch.float32, u.device, poison)
-        _scan_fwd_kernel[grid](*args, dtsum, *sizes, LOCAL=True, **flags)
+        _scan_fwd_kernel[grid](*args, dtsum, *sizes, LOCAL=True, maxnreg=_FWD_LOCAL_MAXNREG, **flags)
         # Carry pass: the state at split s's start from split s-1's local end state and its total
         # decay exp2(A2 * sum of dt); carry[:, s] becomes that start.
         decay = torch.exp2(A2t[None, None] * dtsum[:, :, None, :])  # (batch, splits, N, dim)
@@ -751,13 +808,13 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
         carry[:, 0] = 0.0
         for s in range(1, splits):
             carry[:, s] = local_end[:, s - 1] + decay[:, s - 1] * carry[:, s - 1]
-    _scan_fwd_kernel[grid](*args, carry, *sizes, LOCAL=False, **flags)
+    _scan_fwd_kernel[grid](*args, carry, *sizes, LOCAL=False, maxnreg=_FWD_MAXNREG, **flags)
     last_state = carry[:, splits - 1].transpose(1, 2).contiguous()
     return out, last_state, checkpoints
 
 
 def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, input_bytes, device, *,
-                  block_d=None, n_splits=None, d_splits=None, n_state_splits=None):
+                  block_d=None, n_splits=None, d_splits=None, n_state_splits=None, maxnreg=_BWD_MAXNREG):
     """The backward's launch plan, a dict (tile sizes, channel splits P, time splits, state splits, scratch bytes).
 
     P (channel splits, each with its own fp32 dB/dC partial, 8 batch G P N L bytes) is the most
@@ -785,14 +842,17 @@ def backward_plan(batch, dim, L, N, ngroups, u_dtype, bc_dtype, chunk_size, inpu
     if tiles_per_chunk == 1:
         scratch_per_split = 0
     cap = max(1, (input_bytes // 2) // max(1, scratch_per_split))
-    splits, chunks_per_split = _time_splits(batch * ngroups * d_splits, num_warps, n_chunks, device, n_splits, cap)
+    splits, chunks_per_split = _time_splits(batch * ngroups * d_splits, num_warps, n_chunks, device, n_splits, cap,
+                                            resident=_resident_blocks(maxnreg or _BWD_UNCAPPED_REGS, num_warps))
     if n_state_splits is None:
         want = _sm_count(device) * _WARPS_PER_SM / max(1, batch * ngroups * d_splits * splits * num_warps)
         n_state_splits = 1
         while n_state_splits < min(4, want) and N >= 32 * n_state_splits:
             n_state_splits *= 2
     n_state_splits = _check_state_splits(n_state_splits, N)
-    return dict(BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps, n_state_splits=n_state_splits,
+    if n_state_splits > 1:
+        maxnreg = None  # spills under the cap (see _BWD_MAXNREG_NO_D)
+    return dict(BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps, n_state_splits=n_state_splits, maxnreg=maxnreg,
                 tiles_per_chunk=tiles_per_chunk,
                 blocks_per_group=blocks_per_group, d_splits=d_splits, blocks_per_psplit=per_p, n_splits=splits,
                 chunks_per_split=chunks_per_split, partial_bytes=8 * batch * ngroups * d_splits * N * L,
@@ -809,7 +869,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
         u, delta, A, B, C, D, z, delta_bias, delta_softplus: as given to ``selective_scan_fwd``.
         checkpoints: (batch, dim, ceil(L / chunk_size), N) fp32 contiguous from ``selective_scan_fwd``
             with the same chunk_size.
-        block_d: channels per program (power of two); None: 64 (two per thread), or dim // G rounded
+        block_d: channels per program (power of two); None: 32 (one per thread), or dim // G rounded
             up if fewer.
         n_splits: as in ``selective_scan_fwd`` (need not match the forward's).
         d_splits: channel splits with their own dB/dC partial; None: the most whose partials fit in
@@ -837,7 +897,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
     assert checkpoints.is_contiguous(), "checkpoints must be contiguous"
     input_bytes = sum(t.numel() * t.element_size() for t in (dout, u, delta, z, B, C) if t is not None)
     plan = backward_plan(batch, dim, L, N, ngroups, u.dtype, B.dtype, chunk_size, input_bytes, u.device,
-                         block_d=block_d, n_splits=n_splits, d_splits=d_splits, n_state_splits=n_state_splits)
+                         block_d=block_d, n_splits=n_splits, d_splits=d_splits, n_state_splits=n_state_splits,
+                         maxnreg=_BWD_MAXNREG if D is not None else _BWD_MAXNREG_NO_D)
     BLOCK_T, BLOCK_D, P, splits = plan["BLOCK_T"], plan["BLOCK_D"], plan["d_splits"], plan["n_splits"]
     dev = u.device
     f32 = torch.float32
@@ -869,6 +930,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
                 math.ceil(L / BLOCK_T), plan["tiles_per_chunk"], n_chunks, plan["chunks_per_split"],
                 dBC_part[1].storage_offset(),
                 LOCAL=local, ONE_TILE_CHUNKS=plan["tiles_per_chunk"] == 1, **flags,
+                # The local pass needs far fewer registers (61-121); the cap is the full pass's.
+                **({} if local or plan["maxnreg"] is None else {"maxnreg": plan["maxnreg"]}),
             )
 
         if splits > 1:
