@@ -281,6 +281,49 @@ def speed(arch: str, cfg: dict, reps: int = 20) -> dict:
     return {N: statistics.median(t[2:]) for N, t in times.items()}
 
 
+def speed_vs_revision(cfg: dict, rev: str, reps: int = 20) -> dict:
+    """Seconds per Mamba1 training step at N = n_big with the torch scan core of this tree vs that of
+    git revision ``rev`` (its ``_TimeMajorScan`` swapped in; the wrapper around it is this tree's),
+    one step of each in turn, median of ``reps``: a before/after of a backend change, side by side."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    from compressm_mamba import replace_mixers_
+    from compressm_mamba.torch_backend import selective_scan as current
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{rev}:compressm_mamba/torch_backend/selective_scan.py"], cwd=root,
+                            capture_output=True, text=True, check=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec_ = importlib.util.spec_from_file_location("compressm_mamba.torch_backend._baseline_scan", f.name)
+    baseline = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(baseline)
+    os.unlink(f.name)
+    cores = {"this tree": current._TimeMajorScan, rev: baseline._TimeMajorScan}
+    spec = MQARSpec(cfg["pairs"], cfg["seq_len"], cfg["vocab"])
+    ids, labels = mqar_splits(cfg["batch"], 1, spec, 0)[0][:].values()
+    ids, labels = torch.tensor(ids), torch.tensor(labels)
+    model = build_model("demo", spec.vocab, arch="mamba", seed=0, state_size=cfg["n_big"], hidden_size=cfg["hidden"],
+                        num_hidden_layers=cfg["layers"])
+    replace_mixers_(model, backend="torch")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step's cost, not a moving model
+    times = {k: [] for k in cores}
+    try:
+        for _ in range(reps + 2):
+            for key, core in cores.items():
+                current._TimeMajorScan = core
+                t0 = time.perf_counter()
+                model(ids, labels=labels).loss.backward()
+                opt.step()
+                opt.zero_grad()
+                times[key].append(time.perf_counter() - t0)
+    finally:
+        current._TimeMajorScan = cores["this tree"]
+    return {k: statistics.median(t[2:]) for k, t in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="mamba2")
@@ -291,6 +334,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(RESULTS, "recall"))
     p.add_argument("--merge", nargs="+", default=None, metavar="CSV")
     p.add_argument("--speed", action="store_true", help="only time training steps at n_big and rank, interleaved")
+    p.add_argument("--speed-baseline", default=None, metavar="REV",
+                   help="with --speed: Mamba1 step time with this tree's torch scan vs that of git revision REV")
     p.add_argument("--match-steps", default="", help="e-match: SEED:STEP,... (b-stable's cut step per seed)")
     p.add_argument("--order", default="arm", help="arm: every seed of an arm first | seed: every arm of a seed first")
     p.add_argument("--claim-dir", default=None,
@@ -308,6 +353,16 @@ def main(argv=None):
         cfg = {k: getattr(args, k) for k in DEFAULTS}
         env = environment(torch.device("cpu"))
         with open(args.out + "_speed.md", "a") as f:
+            if args.speed_baseline:
+                t = speed_vs_revision(cfg, args.speed_baseline)
+                old, new = t[args.speed_baseline], t["this tree"]
+                line = (f"- mamba torch scan, this tree vs {args.speed_baseline}: s per training step at N={cfg['n_big']} "
+                        f"(batch {cfg['batch']} × {cfg['seq_len']}, d_model {cfg['hidden']}), interleaved, median of 20: "
+                        f"{args.speed_baseline} {old:.4f}, this tree {new:.4f}, speed-up {old / new:.2f}x — "
+                        f"{env['device']}, git {env['git']}, {env['date']}\n")
+                print(line, end="")
+                f.write(line)
+                return
             for arch in args.arch.split(","):
                 t = speed(arch, cfg)
                 line = (f"- {arch}: s per training step (batch {cfg['batch']} × {cfg['seq_len']}), interleaved, median of "
