@@ -11,6 +11,9 @@ same seed (init, data order, held-out set) and step budget through the project's
               first 10 / 20 / 30 % of the steps (``warmup_fraction``)
   b-stable    the stable schedule: cut once the kept set stops moving (Jaccard ≥ 0.9), at 50 % at the latest
   e-10 … e-stable    as b-*, keeping random states (the control for "trained longer at the big N")
+  e-smallest-10 … e-smallest-stable   as b-*, keeping the *least* important states by the same HSV
+              ranking (``keep="smallest"``): if the ranking carries information this is the worst case,
+              below random
   e-match     random states, one cut at the step where b-stable cut for the same seed (--match-steps):
               e-stable is no timing control, because a random kept set never moves between attempts, so
               the stable schedule cuts it at its second attempt
@@ -47,8 +50,8 @@ from compressm_mamba.models.registry import find_mixers  # noqa: E402
 
 TIMINGS = {"10": dict(warmup_fraction=0.1), "20": dict(warmup_fraction=0.2), "30": dict(warmup_fraction=0.3),
            "stable": dict(warmup_fraction=0.1, schedule="stable", stable_jaccard=0.9, stable_latest_fraction=0.5)}
-ARMS = ("a", "c", *(f"b-{t}" for t in TIMINGS), *(f"e-{t}" for t in TIMINGS), "e-match", "g-30", "d-hsv", "d-ghost",
-        "d-random")
+ARMS = ("a", "c", *(f"b-{t}" for t in TIMINGS), *(f"e-{t}" for t in TIMINGS), "e-match",
+        *(f"e-smallest-{t}" for t in TIMINGS), "g-30", "d-hsv", "d-ghost", "d-random")
 # The set-up: 2 layers, d_model 64; N 64 -> 8.  MQAR with 6 pairs in 48 tokens, 31 tokens (15 keys,
 # 16 values: chance 1/16).  Sized so that a run is ~1 minute on one free CPU thread.
 DEFAULTS = dict(hidden=64, layers=2, n_big=64, rank=8, pairs=6, seq_len=48, vocab=32, steps=400, batch=16,
@@ -98,11 +101,13 @@ def arm_config(arm: str, cfg: dict, seed: int) -> CompressConfig | None:
         return CompressConfig(mode="rank", rank=cfg["rank"], estimator=cfg["estimator"], attempts=1, keep="random",
                               calibration_batches=cfg["calibration_batches"], seed=seed,
                               warmup_fraction=step / cfg["steps"])
-    letter, timing = arm.split("-", 1)
+    letter, timing = arm.rsplit("-", 1)
     kw = dict(mode="rank", rank=cfg["rank"], estimator=cfg["estimator"], attempts=4,
               calibration_batches=cfg["calibration_batches"], seed=seed, **TIMINGS[timing])
     if letter == "e":
         kw["keep"] = "random"
+    if letter == "e-smallest":
+        kw["keep"] = "smallest"
     if letter == "g":
         kw["importance"] = "ghost"
     return CompressConfig(**kw)
@@ -164,6 +169,9 @@ PAIRS = (("a", "c", "the gap: N_big throughout vs N=r from scratch"),
          *((f"b-{t}", "c", f"compressed in training ({t}) vs small from scratch") for t in TIMINGS),
          *((f"b-{t}", f"e-{t}", f"HSV-ranked vs random states, same timing ({t})") for t in TIMINGS),
          *((f"e-{t}", "c", f"random states ({t}) vs small from scratch") for t in TIMINGS),
+         *((f"b-{t}", f"e-smallest-{t}", f"HSV: most vs least important states, same timing ({t})") for t in TIMINGS),
+         *((f"e-{t}", f"e-smallest-{t}", f"random vs least-important states, same timing ({t})") for t in TIMINGS),
+         *((f"e-smallest-{t}", "c", f"least-important states ({t}) vs small from scratch") for t in TIMINGS),
          ("b-30", "b-10", "cut over 30 % vs over 10 %"), ("b-stable", "b-10", "stable vs 10 %"),
          ("b-stable", "e-match", "HSV vs random, one cut at b-stable's step"), ("e-match", "c", "random at b-stable's step vs scratch"),
          ("g-30", "b-30", "GHOST vs HSV in training (30 %)"), ("g-30", "c", "GHOST in training vs from scratch"),
@@ -203,7 +211,29 @@ def paired(rows):
     return out
 
 
-def write_report(rows, stem):
+CONFIG_KEYS = ("hidden", "layers", "n_big", "rank", "pairs", "seq_len", "vocab", "steps", "batch", "lr")
+
+
+def pilot_table(rows) -> str:
+    """Markdown: for each configuration tried as a pilot (arms a and c), the accuracies per seed and a − c."""
+    configs = {}
+    for r in rows:
+        configs.setdefault((r["arch"], *(r[k] for k in CONFIG_KEYS)), {}).setdefault(int(r["seed"]), {})[r["variant"]] = r
+    out = ["| arch | d_model × layers | N → r | pairs / len / vocab | steps × batch | lr | seed | a | c | a − c | "
+           "wall a s | wall c s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, seeds in configs.items():
+        arch, hidden, layers, n_big, rank, pairs, seq_len, vocab, steps, batch, lr = key
+        for seed, arms in sorted(seeds.items()):
+            a, c = arms.get("a"), arms.get("c")
+            acc = lambda r: f"{float(r['metric']):.3f}" if r else "—"  # noqa: E731
+            wall = lambda r: f"{float(r['wall_s']):.0f}" if r else "—"  # noqa: E731
+            gap = f"{float(a['metric']) - float(c['metric']):+.3f}" if a and c else "—"
+            out.append(f"| {arch} | {hidden} × {layers} | {n_big} → {rank} | {pairs} / {seq_len} / {vocab} | {steps} × "
+                       f"{batch} | {lr} | {seed} | {acc(a)} | {acc(c)} | {gap} | {wall(a)} | {wall(c)} |")
+    return "\n".join(out) + "\n"
+
+
+def write_report(rows, stem, pilots=(), note=""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,6 +267,11 @@ def write_report(rows, stem):
         for p in pairs:
             f.write(f"| {p['arch']} | {p['x']} vs {p['y']} | {p['q']} | {p['n']} | {p['mean']:+.3f} ± {p['std']:.3f} "
                     f"| {p['wins']}/{p['n']} | {p['per_seed']} |\n")
+        if note:
+            f.write("\n" + note.strip() + "\n")
+        if pilots:
+            f.write("\n## Pilots (configurations tried to find one where N matters; arms a and c only)\n\n"
+                    + pilot_table(pilots))
     archs = list(dict.fromkeys(t["arch"] for t in table))
     fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
     for ax, arch in zip(axes[0], archs):
@@ -333,6 +368,8 @@ def main(argv=None):
     p.add_argument("--shard", default="0/1", help="k/n: run every n-th job from the k-th (two processes: 0/2, 1/2)")
     p.add_argument("--out", default=os.path.join(RESULTS, "recall"))
     p.add_argument("--merge", nargs="+", default=None, metavar="CSV")
+    p.add_argument("--pilots", nargs="*", default=None, metavar="CSV", help="with --merge: pilot runs (a, c) to list")
+    p.add_argument("--note", default=None, metavar="MD", help="with --merge: a markdown file appended after the tables")
     p.add_argument("--speed", action="store_true", help="only time training steps at n_big and rank, interleaved")
     p.add_argument("--speed-baseline", default=None, metavar="REV",
                    help="with --speed: Mamba1 step time with this tree's torch scan vs that of git revision REV")
@@ -346,7 +383,8 @@ def main(argv=None):
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     args = p.parse_args(argv)
     if args.merge:
-        write_report(read_rows(args.merge), args.out)
+        note = open(args.note).read() if args.note else ""
+        write_report(read_rows(args.merge), args.out, read_rows(args.pilots) if args.pilots else (), note)
         return
     torch.set_num_threads(args.threads)
     if args.speed:
