@@ -245,8 +245,9 @@ def write_report(rows, stem, pilots=(), note=""):
         commits = ", ".join(dict.fromkeys(r["git"] for r in rows))
         dates = sorted(r["date"] for r in rows)
         f.write(f"# recall (MQAR) — {first['device']}, git {commits}, {dates[0]} – {dates[-1]}\n\n"
-                "`python bench/recall.py --arch mamba2` (two processes side by side at nice 5, rows merged with "
-                "`--merge`); the commits differ only in the script's job handling, not in what a run does.\n\n")
+                "`python bench/recall.py --arch mamba2` and `--arch mamba` with the set-ups below (per arch, two "
+                "processes side by side at nice 5, rows merged with `--merge`); the commits differ in the script's "
+                "job handling and arms and in the speed of the CPU scan, not in what a run computes.\n\n")
         for arch in dict.fromkeys(r["arch"] for r in rows):
             r = next(r for r in rows if r["arch"] == arch)
             f.write(f"- {arch}: d_model {r['hidden']}, {r['layers']} layers, N {r['n_big']} → {r['rank']}; MQAR "
