@@ -214,6 +214,18 @@ def paired(rows):
 CONFIG_KEYS = ("hidden", "layers", "n_big", "rank", "pairs", "seq_len", "vocab", "steps", "batch", "lr")
 
 
+def label_setups(rows):
+    """Rows of an arch trained at more than one set-up get the set-up in their arch label
+    ("mamba 4p/32t/2000st"), so that the tables never pool runs of different set-ups."""
+    setups = {}
+    for r in rows:
+        setups.setdefault(r["arch"], set()).add(tuple(r[k] for k in CONFIG_KEYS))
+    for r in rows:
+        if len(setups[r["arch"]]) > 1:
+            r["arch"] = f"{r['arch']} {r['pairs']}p/{r['seq_len']}t/{r['steps']}st"
+    return rows
+
+
 def pilot_table(rows) -> str:
     """Markdown: for each configuration tried as a pilot (arms a and c), the accuracies per seed and a − c."""
     configs = {}
@@ -385,7 +397,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.merge:
         note = open(args.note).read() if args.note else ""
-        write_report(read_rows(args.merge), args.out, read_rows(args.pilots) if args.pilots else (), note)
+        write_report(label_setups(read_rows(args.merge)), args.out, read_rows(args.pilots) if args.pilots else (), note)
         return
     torch.set_num_threads(args.threads)
     if args.speed:
