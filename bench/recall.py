@@ -23,6 +23,10 @@ same seed (init, data order, held-out set) and step budget through the project's
     python bench/recall.py --arch mamba2 --seeds 0,1,2,3,4 --arms a,c,b-10 --out bench/results/recall_mamba2_p0
     python bench/recall.py --merge bench/results/recall_mamba2_p*.csv --out bench/results/recall
 
+``--merge ... --pilots CSV --note MD`` adds the pilot table (arms a and c of the set-ups tried) and a
+text; ``--speed`` times training steps at n_big and rank, ``--speed --speed-baseline REV`` a Mamba1
+step with this tree's CPU scan against git revision REV's (a backend change, before/after).
+
 Rows are appended to ``<out>.csv`` as each run finishes (a cut-off run keeps what it measured);
 ``--merge`` writes the table (mean ± std, paired differences per seed, wall time) and a PNG.
 """
@@ -237,8 +241,8 @@ def pilot_table(rows) -> str:
         arch, hidden, layers, n_big, rank, pairs, seq_len, vocab, steps, batch, lr = key
         for seed, arms in sorted(seeds.items()):
             a, c = arms.get("a"), arms.get("c")
-            acc = lambda r: f"{float(r['metric']):.3f}" if r else "—"  # noqa: E731
-            wall = lambda r: f"{float(r['wall_s']):.0f}" if r else "—"  # noqa: E731
+            acc = lambda r: f"{float(r['metric']):.3f}" if r else "—"
+            wall = lambda r: f"{float(r['wall_s']):.0f}" if r else "—"
             gap = f"{float(a['metric']) - float(c['metric']):+.3f}" if a and c else "—"
             out.append(f"| {arch} | {hidden} × {layers} | {n_big} → {rank} | {pairs} / {seq_len} / {vocab} | {steps} × "
                        f"{batch} | {lr} | {seed} | {acc(a)} | {acc(c)} | {gap} | {wall(a)} | {wall(c)} |")
