@@ -11,6 +11,9 @@ same seed (init, data order, held-out set) and step budget through the project's
               first 10 / 20 / 30 % of the steps (``warmup_fraction``)
   b-stable    the stable schedule: cut once the kept set stops moving (Jaccard ≥ 0.9), at 50 % at the latest
   e-10 … e-stable    as b-*, keeping random states (the control for "trained longer at the big N")
+  e-smallest-10 … e-smallest-stable   as b-*, keeping the *least* important states by the same HSV
+              ranking (``keep="smallest"``): if the ranking carries information this is the worst case,
+              below random
   e-match     random states, one cut at the step where b-stable cut for the same seed (--match-steps):
               e-stable is no timing control, because a random kept set never moves between attempts, so
               the stable schedule cuts it at its second attempt
@@ -19,6 +22,10 @@ same seed (init, data order, held-out set) and step budget through the project's
 
     python bench/recall.py --arch mamba2 --seeds 0,1,2,3,4 --arms a,c,b-10 --out bench/results/recall_mamba2_p0
     python bench/recall.py --merge bench/results/recall_mamba2_p*.csv --out bench/results/recall
+
+``--merge ... --pilots CSV --note MD`` adds the pilot table (arms a and c of the set-ups tried) and a
+text; ``--speed`` times training steps at n_big and rank, ``--speed --speed-baseline REV`` a Mamba1
+step with this tree's CPU scan against git revision REV's (a backend change, before/after).
 
 Rows are appended to ``<out>.csv`` as each run finishes (a cut-off run keeps what it measured);
 ``--merge`` writes the table (mean ± std, paired differences per seed, wall time) and a PNG.
@@ -47,8 +54,8 @@ from compressm_mamba.models.registry import find_mixers  # noqa: E402
 
 TIMINGS = {"10": dict(warmup_fraction=0.1), "20": dict(warmup_fraction=0.2), "30": dict(warmup_fraction=0.3),
            "stable": dict(warmup_fraction=0.1, schedule="stable", stable_jaccard=0.9, stable_latest_fraction=0.5)}
-ARMS = ("a", "c", *(f"b-{t}" for t in TIMINGS), *(f"e-{t}" for t in TIMINGS), "e-match", "g-30", "d-hsv", "d-ghost",
-        "d-random")
+ARMS = ("a", "c", *(f"b-{t}" for t in TIMINGS), *(f"e-{t}" for t in TIMINGS), "e-match",
+        *(f"e-smallest-{t}" for t in TIMINGS), "g-30", "d-hsv", "d-ghost", "d-random")
 # The set-up: 2 layers, d_model 64; N 64 -> 8.  MQAR with 6 pairs in 48 tokens, 31 tokens (15 keys,
 # 16 values: chance 1/16).  Sized so that a run is ~1 minute on one free CPU thread.
 DEFAULTS = dict(hidden=64, layers=2, n_big=64, rank=8, pairs=6, seq_len=48, vocab=32, steps=400, batch=16,
@@ -98,11 +105,13 @@ def arm_config(arm: str, cfg: dict, seed: int) -> CompressConfig | None:
         return CompressConfig(mode="rank", rank=cfg["rank"], estimator=cfg["estimator"], attempts=1, keep="random",
                               calibration_batches=cfg["calibration_batches"], seed=seed,
                               warmup_fraction=step / cfg["steps"])
-    letter, timing = arm.split("-", 1)
+    letter, timing = arm.rsplit("-", 1)
     kw = dict(mode="rank", rank=cfg["rank"], estimator=cfg["estimator"], attempts=4,
               calibration_batches=cfg["calibration_batches"], seed=seed, **TIMINGS[timing])
     if letter == "e":
         kw["keep"] = "random"
+    if letter == "e-smallest":
+        kw["keep"] = "smallest"
     if letter == "g":
         kw["importance"] = "ghost"
     return CompressConfig(**kw)
@@ -164,6 +173,9 @@ PAIRS = (("a", "c", "the gap: N_big throughout vs N=r from scratch"),
          *((f"b-{t}", "c", f"compressed in training ({t}) vs small from scratch") for t in TIMINGS),
          *((f"b-{t}", f"e-{t}", f"HSV-ranked vs random states, same timing ({t})") for t in TIMINGS),
          *((f"e-{t}", "c", f"random states ({t}) vs small from scratch") for t in TIMINGS),
+         *((f"b-{t}", f"e-smallest-{t}", f"HSV: most vs least important states, same timing ({t})") for t in TIMINGS),
+         *((f"e-{t}", f"e-smallest-{t}", f"random vs least-important states, same timing ({t})") for t in TIMINGS),
+         *((f"e-smallest-{t}", "c", f"least-important states ({t}) vs small from scratch") for t in TIMINGS),
          ("b-30", "b-10", "cut over 30 % vs over 10 %"), ("b-stable", "b-10", "stable vs 10 %"),
          ("b-stable", "e-match", "HSV vs random, one cut at b-stable's step"), ("e-match", "c", "random at b-stable's step vs scratch"),
          ("g-30", "b-30", "GHOST vs HSV in training (30 %)"), ("g-30", "c", "GHOST in training vs from scratch"),
@@ -203,7 +215,41 @@ def paired(rows):
     return out
 
 
-def write_report(rows, stem):
+CONFIG_KEYS = ("hidden", "layers", "n_big", "rank", "pairs", "seq_len", "vocab", "steps", "batch", "lr")
+
+
+def label_setups(rows):
+    """Rows of an arch trained at more than one set-up get the set-up in their arch label
+    ("mamba 4p/32t/2000st"), so that the tables never pool runs of different set-ups."""
+    setups = {}
+    for r in rows:
+        setups.setdefault(r["arch"], set()).add(tuple(r[k] for k in CONFIG_KEYS))
+    for r in rows:
+        if len(setups[r["arch"]]) > 1:
+            r["arch"] = f"{r['arch']} {r['pairs']}p/{r['seq_len']}t/{r['steps']}st"
+    return rows
+
+
+def pilot_table(rows) -> str:
+    """Markdown: for each configuration tried as a pilot (arms a and c), the accuracies per seed and a − c."""
+    configs = {}
+    for r in rows:
+        configs.setdefault((r["arch"], *(r[k] for k in CONFIG_KEYS)), {}).setdefault(int(r["seed"]), {})[r["variant"]] = r
+    out = ["| arch | d_model × layers | N → r | pairs / len / vocab | steps × batch | lr | seed | a | c | a − c | "
+           "wall a s | wall c s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, seeds in configs.items():
+        arch, hidden, layers, n_big, rank, pairs, seq_len, vocab, steps, batch, lr = key
+        for seed, arms in sorted(seeds.items()):
+            a, c = arms.get("a"), arms.get("c")
+            acc = lambda r: f"{float(r['metric']):.3f}" if r else "—"
+            wall = lambda r: f"{float(r['wall_s']):.0f}" if r else "—"
+            gap = f"{float(a['metric']) - float(c['metric']):+.3f}" if a and c else "—"
+            out.append(f"| {arch} | {hidden} × {layers} | {n_big} → {rank} | {pairs} / {seq_len} / {vocab} | {steps} × "
+                       f"{batch} | {lr} | {seed} | {acc(a)} | {acc(c)} | {gap} | {wall(a)} | {wall(c)} |")
+    return "\n".join(out) + "\n"
+
+
+def write_report(rows, stem, pilots=(), note=""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,8 +261,9 @@ def write_report(rows, stem):
         commits = ", ".join(dict.fromkeys(r["git"] for r in rows))
         dates = sorted(r["date"] for r in rows)
         f.write(f"# recall (MQAR) — {first['device']}, git {commits}, {dates[0]} – {dates[-1]}\n\n"
-                "`python bench/recall.py --arch mamba2` (two processes side by side at nice 5, rows merged with "
-                "`--merge`); the commits differ only in the script's job handling, not in what a run does.\n\n")
+                "`python bench/recall.py --arch mamba2` and `--arch mamba` with the set-ups below (per arch, two "
+                "processes side by side at nice 5, rows merged with `--merge`); the commits differ in the script's "
+                "job handling and arms and in the speed of the CPU scan, not in what a run computes.\n\n")
         for arch in dict.fromkeys(r["arch"] for r in rows):
             r = next(r for r in rows if r["arch"] == arch)
             f.write(f"- {arch}: d_model {r['hidden']}, {r['layers']} layers, N {r['n_big']} → {r['rank']}; MQAR "
@@ -237,6 +284,11 @@ def write_report(rows, stem):
         for p in pairs:
             f.write(f"| {p['arch']} | {p['x']} vs {p['y']} | {p['q']} | {p['n']} | {p['mean']:+.3f} ± {p['std']:.3f} "
                     f"| {p['wins']}/{p['n']} | {p['per_seed']} |\n")
+        if note:
+            f.write("\n" + note.strip() + "\n")
+        if pilots:
+            f.write("\n## Pilots (configurations tried to find one where N matters; arms a and c only)\n\n"
+                    + pilot_table(pilots))
     archs = list(dict.fromkeys(t["arch"] for t in table))
     fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
     for ax, arch in zip(axes[0], archs):
@@ -281,6 +333,49 @@ def speed(arch: str, cfg: dict, reps: int = 20) -> dict:
     return {N: statistics.median(t[2:]) for N, t in times.items()}
 
 
+def speed_vs_revision(cfg: dict, rev: str, reps: int = 20) -> dict:
+    """Seconds per Mamba1 training step at N = n_big with the torch scan core of this tree vs that of
+    git revision ``rev`` (its ``_TimeMajorScan`` swapped in; the wrapper around it is this tree's),
+    one step of each in turn, median of ``reps``: a before/after of a backend change, side by side."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    from compressm_mamba import replace_mixers_
+    from compressm_mamba.torch_backend import selective_scan as current
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{rev}:compressm_mamba/torch_backend/selective_scan.py"], cwd=root,
+                            capture_output=True, text=True, check=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec_ = importlib.util.spec_from_file_location("compressm_mamba.torch_backend._baseline_scan", f.name)
+    baseline = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(baseline)
+    os.unlink(f.name)
+    cores = {"this tree": current._TimeMajorScan, rev: baseline._TimeMajorScan}
+    spec = MQARSpec(cfg["pairs"], cfg["seq_len"], cfg["vocab"])
+    ids, labels = mqar_splits(cfg["batch"], 1, spec, 0)[0][:].values()
+    ids, labels = torch.tensor(ids), torch.tensor(labels)
+    model = build_model("demo", spec.vocab, arch="mamba", seed=0, state_size=cfg["n_big"], hidden_size=cfg["hidden"],
+                        num_hidden_layers=cfg["layers"])
+    replace_mixers_(model, backend="torch")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step's cost, not a moving model
+    times = {k: [] for k in cores}
+    try:
+        for _ in range(reps + 2):
+            for key, core in cores.items():
+                current._TimeMajorScan = core
+                t0 = time.perf_counter()
+                model(ids, labels=labels).loss.backward()
+                opt.step()
+                opt.zero_grad()
+                times[key].append(time.perf_counter() - t0)
+    finally:
+        current._TimeMajorScan = cores["this tree"]
+    return {k: statistics.median(t[2:]) for k, t in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="mamba2")
@@ -290,7 +385,11 @@ def main(argv=None):
     p.add_argument("--shard", default="0/1", help="k/n: run every n-th job from the k-th (two processes: 0/2, 1/2)")
     p.add_argument("--out", default=os.path.join(RESULTS, "recall"))
     p.add_argument("--merge", nargs="+", default=None, metavar="CSV")
+    p.add_argument("--pilots", nargs="*", default=None, metavar="CSV", help="with --merge: pilot runs (a, c) to list")
+    p.add_argument("--note", default=None, metavar="MD", help="with --merge: a markdown file appended after the tables")
     p.add_argument("--speed", action="store_true", help="only time training steps at n_big and rank, interleaved")
+    p.add_argument("--speed-baseline", default=None, metavar="REV",
+                   help="with --speed: Mamba1 step time with this tree's torch scan vs that of git revision REV")
     p.add_argument("--match-steps", default="", help="e-match: SEED:STEP,... (b-stable's cut step per seed)")
     p.add_argument("--order", default="arm", help="arm: every seed of an arm first | seed: every arm of a seed first")
     p.add_argument("--claim-dir", default=None,
@@ -301,13 +400,24 @@ def main(argv=None):
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     args = p.parse_args(argv)
     if args.merge:
-        write_report(read_rows(args.merge), args.out)
+        note = open(args.note).read() if args.note else ""
+        write_report(label_setups(read_rows(args.merge)), args.out, read_rows(args.pilots) if args.pilots else (), note)
         return
     torch.set_num_threads(args.threads)
     if args.speed:
         cfg = {k: getattr(args, k) for k in DEFAULTS}
         env = environment(torch.device("cpu"))
         with open(args.out + "_speed.md", "a") as f:
+            if args.speed_baseline:
+                t = speed_vs_revision(cfg, args.speed_baseline)
+                old, new = t[args.speed_baseline], t["this tree"]
+                line = (f"- mamba torch scan, this tree vs {args.speed_baseline}: s per training step at N={cfg['n_big']} "
+                        f"(batch {cfg['batch']} × {cfg['seq_len']}, d_model {cfg['hidden']}), interleaved, median of 20: "
+                        f"{args.speed_baseline} {old:.4f}, this tree {new:.4f}, speed-up {old / new:.2f}x — "
+                        f"{env['device']}, git {env['git']}, {env['date']}\n")
+                print(line, end="")
+                f.write(line)
+                return
             for arch in args.arch.split(","):
                 t = speed(arch, cfg)
                 line = (f"- {arch}: s per training step (batch {cfg['batch']} × {cfg['seq_len']}), interleaved, median of "

@@ -16,7 +16,12 @@ strides, so the small operands are made contiguous time-major *before* the big p
 Forward and backward are one ``torch.autograd.Function``: the forward keeps only the states h;
 the backward runs g_t = a_{t+1} g_{t+1} + C_t ∂loss/∂y_t backwards in time in place, then forms
 every gradient from w_t = g_t ⊙ a_t ⊙ h_{t−1} (= a_t ∂loss/∂a_t) and batched contractions.
-Memory is three (L, batch, dim, N) tensors at the peak of the backward.
+Memory is three (L, batch, dim, N) tensors at the peak of the backward (four for a moment: w·A).
+No contraction copies a whole (L, batch, dim, N) tensor into another order: dy is made contiguous
+first (a permuted dy would make g permuted, and every product with g a copy), Σ_n runs as
+matmuls on the time-major layout and Σ_{l,b} w dt as a bmm on a strided channel-major view —
+einsum copied w twice and g once per layer; a Mamba1 training step at N=64 on one CPU thread
+became 1.57x faster, measured side by side (``bench/recall.py --speed --speed-baseline``).
 """
 
 from __future__ import annotations
@@ -28,8 +33,21 @@ from ..reference.selective_scan import _compute_dtype, skip_and_gate
 
 __all__ = ["selective_scan_torch"]
 
-# Contract the last axis of two (L, batch, G, ·, N) tensors: (.., p, N) x (.., q, N) -> (.., p, q).
-_CONTRACT_N = "lbgpn,lbgqn->lbgpq"
+
+def _channel_major(t: torch.Tensor) -> torch.Tensor:
+    """(L, batch, G, dpg, k) contiguous -> a (G*dpg, L*batch, k) *view* (no copy): one matrix per channel."""
+    L, batch, G, dpg, k = t.shape
+    return t.view(L * batch, G * dpg, k).transpose(0, 1)
+
+
+def _sum_over_time(w: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """Σ_{l, b} w[l, b, g, p, n] dt[l, b, g, p] -> (G, dpg, N).
+
+    A batched (over channels) row-times-matrix on a strided view of w: einsum would first copy the
+    whole (L, batch, dim, N) tensor into channel-major order (one extra big buffer per layer and step)."""
+    L, batch, G, dpg, N = w.shape
+    dt_rows = _channel_major(dt).transpose(1, 2)  # (G*dpg, 1, L*batch): small, copied by bmm if need be
+    return torch.bmm(dt_rows, _channel_major(w)).reshape(G, dpg, N)
 
 
 class _TimeMajorScan(torch.autograd.Function):
@@ -38,18 +56,22 @@ class _TimeMajorScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, dt, A, B, C):
         # u, dt: (L, batch, G, dpg, 1); A: (G, dpg, N); B, C: (L, batch, G, 1, N); all contiguous.
-        a = torch.exp(dt * A)  # (L, batch, G, dpg, N)
+        a = torch.mul(dt, A).exp_()  # (L, batch, G, dpg, N); in place: one big buffer, not two
         h = (dt * u) * B  # x_t, turned into the states in place
         for t in range(1, h.shape[0]):
             h[t].addcmul_(a[t], h[t - 1])
-        y = torch.einsum(_CONTRACT_N, h, C)  # (L, batch, G, dpg, 1)
+        y = h @ C.transpose(-1, -2)  # Σ_n h C: (L, batch, G, dpg, 1)
         ctx.save_for_backward(u, dt, A, B, C, h)
         return y, h[-1]
 
     @staticmethod
     def backward(ctx, dy, dlast):
         u, dt, A, B, C, h = ctx.saved_tensors
-        a = torch.exp(dt * A)
+        a = torch.mul(dt, A).exp_()
+        # dy arrives in whatever layout autograd hands back (often a permuted view of the caller's
+        # (batch, dim, L) gradient); g would inherit it, and every product with g below would then
+        # copy the whole (L, batch, dim, N) tensor back to time-major first.
+        dy = dy.contiguous()
         g = dy * C  # C_t ∂loss/∂y_t, turned into ∂loss/∂h_t in place
         if dlast is not None:
             g[-1] += dlast
@@ -59,10 +81,11 @@ class _TimeMajorScan(torch.autograd.Function):
         w[0].zero_()
         w[1:].mul_(h[:-1])
         w.mul_(g)
-        gB = torch.einsum(_CONTRACT_N, g, B)  # Σ_n g B: (L, batch, G, dpg, 1)
+        gB = g @ B.transpose(-1, -2)  # Σ_n g B: (L, batch, G, dpg, 1)
         du = gB * dt
-        ddt = gB * u + torch.einsum("lbgpn,gpn->lbgp", w, A).unsqueeze(-1)
-        dA = torch.einsum("lbgpn,lbgp->gpn", w, dt.squeeze(-1))
+        # Σ_n w A as mul + sum: on a CPU 3x faster than a per-channel bmm over w's strided view
+        ddt = gB * u + (w * A).sum(-1, keepdim=True)
+        dA = _sum_over_time(w, dt)
         dB = (dt * u).transpose(-1, -2) @ g  # Σ over a group's channels: (L, batch, G, 1, N)
         dC = dy.transpose(-1, -2) @ h
         return du, ddt, dA, dB, dC
