@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
@@ -70,10 +71,10 @@ class DropInPlugin:
         self.per_test.setdefault(self._current or "<outside a test>", collections.Counter())[key] += 1
 
     def _counting(self, fn, key_of):
+        @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             self._count(key_of(args, kwargs))
             return fn(*args, **kwargs)
-        wrapper.__wrapped__ = fn
         return wrapper
 
     def install(self) -> None:
@@ -95,9 +96,12 @@ class DropInPlugin:
             hf_mixer = compat.hf_mixer_classes()["MambaMixer"]
             post_init, plugin = PreTrainedModel.post_init, self
 
+            @functools.wraps(post_init)
             def post_init_with_drop_in(model, *args, **kwargs):
                 post_init(model, *args, **kwargs)
-                if any(isinstance(m, hf_mixer) for m in model.modules()):
+                # exact type: the inner MambaModel's post_init already swapped its mixers when the outer
+                # MambaForCausalLM's post_init runs, so each model built counts once
+                if any(type(m) is hf_mixer for m in model.modules()):
                     drop_in.replace_mixers_(model, backend=plugin.backend)
                     plugin.models_swapped += 1
             self._patch(PreTrainedModel, "post_init", post_init_with_drop_in)
@@ -105,6 +109,8 @@ class DropInPlugin:
         if self.use_cache != "as-is":
             init, value = MambaConfig.__init__, self.use_cache == "on"
 
+            # wraps: testers read the config's keyword arguments from inspect.signature(Config.__init__)
+            @functools.wraps(init)
             def init_with_use_cache(config, *args, **kwargs):
                 init(config, *args, **kwargs)
                 config.use_cache = value
