@@ -48,7 +48,7 @@ EXIT_PATH_NOT_RUN = 4
 
 
 class DropInPlugin:
-    """pytest plugin: swaps the drop-in into every Mamba model the tests build and counts the ops they reach."""
+    """pytest plugin: gives every Mamba model the tests build the drop-in mixer; counts the ops they reach."""
 
     def __init__(self, mode: str = "drop-in", backend: str = "auto", use_cache: str = "as-is"):
         if mode not in ("drop-in", "vanilla"):
@@ -85,10 +85,12 @@ class DropInPlugin:
         from compressm_mamba.models import drop_in
 
         for name in HF_OPS:
-            self._patch(modeling_mamba, name, self._counting(getattr(modeling_mamba, name), lambda a, k, n=name: n))
-        self._patch(drop_in, "selective_scan", self._counting(
-            drop_in.selective_scan,
-            lambda a, k: "scan_prefill" if k.get("return_last_state", a[9] if len(a) > 9 else False) else "scan_no_cache"))
+            op = getattr(modeling_mamba, name)
+            self._patch(modeling_mamba, name, self._counting(op, lambda a, k, n=name: n))
+        def scan_path(args, kwargs):  # return_last_state is selective_scan's 10th argument
+            prefill = kwargs.get("return_last_state", args[9] if len(args) > 9 else False)
+            return "scan_prefill" if prefill else "scan_no_cache"
+        self._patch(drop_in, "selective_scan", self._counting(drop_in.selective_scan, scan_path))
         self._patch(drop_in, "selective_state_update",
                     self._counting(drop_in.selective_state_update, lambda a, k: "state_update"))
 
@@ -169,10 +171,12 @@ class DropInPlugin:
     def pytest_terminal_summary(self, terminalreporter):
         s = self.summary()
         tr = terminalreporter
-        tr.section(f"compressm_mamba drop-in plugin ({self.mode}, backend={self.backend}, use_cache={self.use_cache})")
+        tr.section(f"compressm_mamba drop-in plugin ({self.mode}, backend={self.backend}, "
+                   f"use_cache={self.use_cache})")
         tr.write_line(f"models given the drop-in mixer: {s['models_swapped']}")
         for key in OUR_PATHS + HF_OPS:
-            tr.write_line(f"  {key:30s} calls {s['op_calls'].get(key, 0):7d} in {s['tests_per_path'][key]:4d} tests")
+            calls, tests = s["op_calls"].get(key, 0), s["tests_per_path"][key]
+            tr.write_line(f"  {key:30s} calls {calls:7d} in {tests:4d} tests")
         for line in s["problems"]:
             tr.write_line(f"PROBLEM: {line}", red=True)
 
@@ -184,7 +188,8 @@ class DropInPlugin:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkout", type=Path, help="transformers source checkout (the folder holding tests/)")
-    p.add_argument("--model", default="mamba", help="tests/models/<model>/test_modeling_<model>.py (default mamba)")
+    p.add_argument("--model", default="mamba",
+                   help="runs tests/models/<model>/test_modeling_<model>.py (default mamba)")
     p.add_argument("--mode", choices=("drop-in", "vanilla"), default="drop-in")
     p.add_argument("--backend", default="auto", help="replace_mixers_ backend (default auto)")
     p.add_argument("--use-cache", choices=("as-is", "on", "off"), default="as-is",
@@ -217,7 +222,8 @@ def warn_on_version_mismatch(checkout: Path) -> None:
                 version = line.split("=", 1)[1].strip().strip("\"'")
                 if version != transformers.__version__:
                     print(f"WARNING: the checkout is transformers {version}, the installed library "
-                          f"{transformers.__version__}: check out the tag of the installed version", file=sys.stderr)
+                          f"{transformers.__version__}: check out the tag of the installed version",
+                          file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -60,17 +60,21 @@ def test_generate_with_cache():
 '''
 
 
-def run(tmp_path: Path, tests: str, *args: str, expected_mixer="CompreSSMMambaMixer", expected_use_cache=True):
-    """Lay out a checkout holding ``tests`` as the Mamba test module, run the script on it; (returncode, json, output)."""
+def run(tmp_path: Path, tests: str, *args: str, expected_mixer="CompreSSMMambaMixer",
+        expected_use_cache=True):
+    """Lay out a checkout holding ``tests`` as its Mamba test module and run the script on it.
+
+    Returns (exit status, the script's JSON summary or None, its output)."""
     checkout = tmp_path / "checkout"
     module = checkout / "tests" / "models" / "mamba" / "test_modeling_mamba.py"
     module.parent.mkdir(parents=True)
     module.write_text(textwrap.dedent(tests), encoding="utf-8")
     report = tmp_path / "report.json"
-    env = dict(os.environ, EXPECTED_MIXER=expected_mixer, EXPECTED_USE_CACHE=str(expected_use_cache), PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(checkout), "--json", str(report), *args, "--", "-q"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, EXPECTED_MIXER=expected_mixer, EXPECTED_USE_CACHE=str(expected_use_cache),
+               PYTHONPATH=os.pathsep.join(path))
+    command = [sys.executable, str(SCRIPT), str(checkout), "--json", str(report), *args, "--", "-q"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     summary = json.loads(report.read_text()) if report.exists() else None
     return proc.returncode, summary, proc.stdout + proc.stderr
 
@@ -91,18 +95,19 @@ def test_drop_in_run_swaps_every_model_and_runs_all_three_paths(tmp_path):
 
 @pytest.mark.slow
 def test_vanilla_run_counts_transformers_ops_and_none_of_ours(tmp_path):
-    """Also with the configs' use_cache default forced off (explicit use_cache=True in generate still wins)."""
-    code, s, out = run(tmp_path, MODEL_TESTS, "--mode", "vanilla", "--use-cache", "off", expected_mixer="MambaMixer",
-                       expected_use_cache=False)
+    """Also with the configs' use_cache default forced off (use_cache=True passed to generate still wins)."""
+    code, s, out = run(tmp_path, MODEL_TESTS, "--mode", "vanilla", "--use-cache", "off",
+                       expected_mixer="MambaMixer", expected_use_cache=False)
     assert code == 0, out
     assert s["models_swapped"] == 0
-    assert s["op_calls"].get("mamba_selective_scan", 0) > 0 and s["op_calls"].get("mamba_selective_state_update", 0) > 0
+    assert s["op_calls"].get("mamba_selective_scan", 0) > 0
+    assert s["op_calls"].get("mamba_selective_state_update", 0) > 0
     assert not any(s["op_calls"].get(k) for k in ("scan_no_cache", "scan_prefill", "state_update"))
 
 
 @pytest.mark.slow
 def test_drop_in_run_that_never_reaches_our_path_fails(tmp_path):
-    """A test module that passes without building a Mamba model (or without decoding) cannot make the run pass."""
+    """A test module that passes without building a Mamba model (or without decoding) cannot pass the run."""
     code, s, out = run(tmp_path, "def test_nothing_built():\n    assert True\n")
     assert code == 4, out
     assert s["pytest_exit_status"] == 4
@@ -111,5 +116,6 @@ def test_drop_in_run_that_never_reaches_our_path_fails(tmp_path):
 
 
 def test_the_script_refuses_a_folder_that_is_not_a_checkout(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode != 0 and "test_modeling_mamba.py not found" in proc.stderr
