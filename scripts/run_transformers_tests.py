@@ -58,7 +58,6 @@ class DropInPlugin:
         self.mode, self.backend, self.use_cache = mode, backend, use_cache
         self.per_test: dict[str, collections.Counter] = {}
         self.models_swapped = 0
-        self.outcomes: collections.Counter = collections.Counter()
         self._current = None
         self._undo = []
 
@@ -136,10 +135,6 @@ class DropInPlugin:
     def pytest_runtest_teardown(self, item):
         self._current = None
 
-    def pytest_runtest_logreport(self, report):
-        if report.when == "call" or report.outcome != "passed":
-            self.outcomes[report.outcome] += 1
-
     def totals(self) -> collections.Counter:
         total = collections.Counter()
         for counts in self.per_test.values():
@@ -194,7 +189,7 @@ def parse_args(argv):
     p.add_argument("--backend", default="auto", help="replace_mixers_ backend (default auto)")
     p.add_argument("--use-cache", choices=("as-is", "on", "off"), default="as-is",
                    help="override MambaConfig's default use_cache (default: as the tests set it)")
-    p.add_argument("--json", type=Path, help="write the plugin's counts (and pytest's outcome) here")
+    p.add_argument("--json", type=Path, help="write the plugin's counts (and pytest's exit status) here")
     p.add_argument("--keep-integration", action="store_true",
                    help="also run the *IntegrationTest* classes (they need checkpoints from the hub)")
     argv = list(argv)
@@ -245,7 +240,7 @@ def main(argv=None) -> int:
     status = int(pytest.main(pytest_args + list(args.pytest_args), plugins=[plugin]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        summary = plugin.summary() | {"pytest_exit_status": status, "outcomes": dict(plugin.outcomes),
+        summary = plugin.summary() | {"pytest_exit_status": status,
                                       "test_file": str(test_file.relative_to(checkout))}
         args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return status
