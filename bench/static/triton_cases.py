@@ -371,7 +371,7 @@ def class_ends(classes, cases_by_label) -> list:
 # padding classes are compiled ("ends": smallest and largest N, "max": largest, "all": every one).
 
 def _ci(arch: int):
-    """CI (213 binaries for sm_90, 33 for sm_80 with the kernels of November 2026; 0.2 to 10 s of CPU
+    """CI (216 binaries for sm_90, 34 for sm_80 with the kernels of November 2026; 0.2 to 10 s of CPU
     each, the backward scan the most).
 
     sm_90: the model configuration (D, z, delta_bias, softplus) at both ends of every padding
