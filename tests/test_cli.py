@@ -21,6 +21,7 @@ def needs(*modules, why):
         pytest.importorskip(name, reason=f"{why} needs {name}")
 
 
+@pytest.mark.slow  # trains, analyzes and compresses through the Trainer
 def test_finetune_analyze_compress_round_trip(tmp_path, capsys):
     needs("datasets", "accelerate", "matplotlib", why="finetune (data, Trainer, plots)")
     out = tmp_path / "run"
@@ -53,6 +54,7 @@ def test_finetune_analyze_compress_round_trip(tmp_path, capsys):
     assert from_pretrained(str(tmp_path / "small")).config.state_size == 3
 
 
+@pytest.mark.slow  # the Trainer on the digits task
 def test_digits_task_trains(tmp_path, capsys):
     needs("datasets", "accelerate", "sklearn", why="the digits task (data, Trainer, load_digits)")
     assert run(["finetune", "--preset", "tiny", "--data", "digits", "--out", str(tmp_path), "--steps", "4",

@@ -21,6 +21,7 @@ CPU_STEPS = ["collect", "realshape-tiny"]
 
 
 @pytest.mark.skipif(bool(os.environ.get("COMPRESSM_GPU_CHECK")), reason="running inside bench/gpu_check.sh itself")
+@pytest.mark.slow  # the whole script: preflight, collection, tiny real-shape check
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
@@ -65,6 +66,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert log.count("skipped: no CUDA device") >= len(GPU_STEPS)
 
 
+@pytest.mark.slow  # a bash script with fresh Python processes
 def test_gpu_anchor_dry_run(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_anchor.sh")], capture_output=True, text=True,

@@ -75,6 +75,7 @@ print("OK")
 
 @pytest.mark.requires_mamba_ssm
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-in exists only on machines without CUDA")
+@pytest.mark.slow  # a fresh interpreter importing transformers and mamba_ssm
 def test_mamba_ssm_entry_points_leave_hybrid_models_working():
     pytest.importorskip("transformers")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

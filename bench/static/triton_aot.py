@@ -362,6 +362,14 @@ def run_level(arch: int, level: str, workers: int, work_dir, timeout_s: int = 36
     """Compile a level of ``triton_cases.LEVELS`` for ``arch`` in ``workers`` processes (shards), each
     with a fresh Triton cache under ``work_dir``.  Returns {rows, kernels, chosen}: the resource rows
     of every chosen binary, every kernel discovered, and how many binaries were chosen."""
+    return run_levels((arch,), level, workers, work_dir, timeout_s)[arch]
+
+
+def run_levels(archs, level: str, workers: int, work_dir, timeout_s: int = 3600) -> dict:
+    """``run_level`` for several archs at once: all ``len(archs) * workers`` processes start together,
+    so that no core waits for the slowest shard of one arch before the next arch starts.  On a
+    failure or after ``timeout_s`` (for all of them) every process still running is killed.
+    Returns {arch: {rows, kernels, chosen}}."""
     import json
     import sys
     from pathlib import Path
@@ -371,26 +379,42 @@ def run_level(arch: int, level: str, workers: int, work_dir, timeout_s: int = 36
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([bench_dir, os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
     procs = []
-    for k in range(workers):
-        out = work_dir / f"sm{arch}_{level}_{k}.jsonl"
-        cmd = [sys.executable, "-m", "static.triton_aot", "--arch", str(arch), "--level", level,
-               "--shard", f"{k}/{workers}", "--out", str(out)]
-        procs.append((out, subprocess.Popen(cmd, cwd=bench_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            text=True, env=dict(env, TRITON_CACHE_DIR=str(work_dir / f"cache{k}")))))
-    rows, kernels, chosen, failures = [], set(), 0, []
-    for out, proc in procs:
-        log, _ = proc.communicate(timeout=timeout_s)
-        if proc.returncode != 0:
-            failures.append(log[-6000:])
-            continue
-        with open(out) as f:
-            head = json.loads(f.readline())
-            kernels.update(head["discovered_kernels"])
-            chosen = head["chosen"]
-            rows += [json.loads(line) for line in f]
+    for arch in archs:
+        for k in range(workers):
+            out = work_dir / f"sm{arch}_{level}_{k}.jsonl"
+            cmd = [sys.executable, "-m", "static.triton_aot", "--arch", str(arch), "--level", level,
+                   "--shard", f"{k}/{workers}", "--out", str(out)]
+            cache = work_dir / f"cache{arch}_{k}"
+            procs.append((arch, out, subprocess.Popen(cmd, cwd=bench_dir, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.STDOUT, text=True,
+                                                      env=dict(env, TRITON_CACHE_DIR=str(cache)))))
+    deadline = time.monotonic() + timeout_s
+    results = {arch: dict(rows=[], kernels=set(), chosen=0) for arch in archs}
+    failures = []
+    try:
+        for arch, out, proc in procs:
+            try:
+                log, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                failures.append(f"sm_{arch} {out.name}: timed out after {timeout_s} s")
+                break
+            if proc.returncode != 0:
+                failures.append(f"sm_{arch} {out.name}:\n{log[-6000:]}")
+                continue
+            res = results[arch]
+            with open(out) as f:
+                head = json.loads(f.readline())
+                res["kernels"].update(head["discovered_kernels"])
+                res["chosen"] = head["chosen"]
+                res["rows"] += [json.loads(line) for line in f]
+    finally:
+        for _, _, proc in procs:  # never leave a compiler behind (a timeout, an error, ^C)
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     if failures:
-        raise RuntimeError(f"triton_aot sm_{arch} {level} failed:\n" + "\n".join(failures))
-    return dict(rows=rows, kernels=sorted(kernels), chosen=chosen)
+        raise RuntimeError(f"triton_aot {level} failed:\n" + "\n".join(failures))
+    return {arch: dict(res, kernels=sorted(res["kernels"])) for arch, res in results.items()}
 
 
 def main(argv=None):

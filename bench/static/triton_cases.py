@@ -15,10 +15,11 @@ Axes (each where the op's launchers branch on it):
 - selective_state_update (decode step, when the op exists): N, dtype, D / z / dt_bias / softplus,
   fp32 state or state in the input dtype.
 
-Because today's kernels take N as a constexpr, every N is its own binary, but binaries of one
-*padding class* (same constexprs apart from N itself, e.g. one power-of-two tile) differ only in
-masks; ``padding_classes`` groups discovered launches so that a check compiles the two ends of each
-class instead of all 256 sizes.  ``KERNEL_MODULES`` lists the op each kernel module is reached
+Because today's kernels take N (and, with state splits, the states per split N_PER = ceil(N / KS))
+as a constexpr, every N is its own binary, but binaries of one *padding class* (same constexprs
+apart from those state counts, e.g. one power-of-two tile, one KS) differ only in the state loop's
+trip count and masks; ``padding_classes`` groups discovered launches so that a check compiles the
+two ends of each class instead of all 256 sizes.  ``KERNEL_MODULES`` lists the op each kernel module is reached
 through; ``undriven_kernels`` names any kernel of ``compressm_mamba.kernels`` no case launches (a new
 kernel module needs a case generator here, and the test says so).
 """
@@ -299,23 +300,51 @@ def undriven_kernels(discovered: Iterable[str]) -> dict[str, list[str]]:
     return missing
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def state_count_constexprs(group, cases_by_label) -> set[str]:
+    """Constexprs of one kernel's launches that count states: the state size itself (equal to the
+    case's N in every launch) and the states per split (equal to ceil(N / S) for another integer
+    constexpr S, the number of state splits, in every launch).  Both only bound the state loop
+    (``for i in range(N_PER)``) and its masks, so two launches that differ in nothing else run the
+    same code; S itself changes the tile shapes and stays in the class."""
+    names = None
+    for launch in group:
+        N = cases_by_label[launch.case].N
+        consts = launch.constants
+        here = {k for k, v in consts.items() if _is_int(v) and v == N}
+        here |= {(k, d) for k, v in consts.items() if _is_int(v)
+                 for d, s in consts.items() if d != k and _is_int(s) and s >= 1 and v == -(-N // s)}
+        names = here if names is None else names & here
+    names = names or set()
+    plain = {n for n in names if isinstance(n, str)}
+    # N_PER = ceil(N / KS) and KS = ceil(N / N_PER) both hold: the count of states is the one of
+    # the pair that takes more values over N = 1..256 (KS takes a few).
+    values = {}
+    for launch in group:
+        for k, v in launch.constants.items():
+            values.setdefault(k, set()).add(v)
+    per_split = {k for n in names if isinstance(n, tuple) for k, d in [n]
+                 if d not in plain and len(values[k]) > len(values[d])}
+    return plain | per_split
+
+
 def padding_classes(launches, cases_by_label) -> dict:
     """Group launches into padding classes.
 
-    A constexpr that equals the case's N in every launch of a kernel is the state size itself (only
-    masks depend on it); the class of a launch is its kernel, its case's options other than N, and
-    its other constexprs and launch options.  Returns {class key: [launches sorted by N]}.
+    The class of a launch is its kernel, its case's options other than N, and its constexprs other
+    than the state counts of ``state_count_constexprs`` (N, states per split), and its launch
+    options: members of a class differ only in the state loop's trip count and its masks.  Returns
+    {class key: [launches sorted by N]}.
     """
     by_kernel = {}
     for launch in launches:
         by_kernel.setdefault(launch.kernel, []).append(launch)
     classes = {}
     for kernel, group in by_kernel.items():
-        n_named = None
-        for launch in group:
-            N = cases_by_label[launch.case].N
-            names = {k for k, v in launch.constants.items() if v == N and not isinstance(v, bool)}
-            n_named = names if n_named is None else n_named & names
+        n_named = state_count_constexprs(group, cases_by_label)
         for launch in group:
             case = cases_by_label[launch.case]
             others = tuple(sorted((k, v) for k, v in launch.constants.items() if k not in n_named))
@@ -342,7 +371,8 @@ def class_ends(classes, cases_by_label) -> list:
 # padding classes are compiled ("ends": smallest and largest N, "max": largest, "all": every one).
 
 def _ci(arch: int):
-    """CI (about 150 binaries for sm_90, 25 for sm_80; ~1 s of CPU each).
+    """CI (216 binaries for sm_90, 34 for sm_80 with the kernels of November 2026; 0.2 to 10 s of CPU
+    each, the backward scan the most).
 
     sm_90: the model configuration (D, z, delta_bias, softplus) at both ends of every padding
     class in bf16 and at the largest N of every class in fp32 and fp16; every other scan option

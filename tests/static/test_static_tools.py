@@ -153,6 +153,27 @@ def test_padding_classes_group_sizes_that_differ_only_in_n():
     assert sorted(cases[la.case].N for la in ends) == [3, 4, 5, 8, 9]
 
 
+def test_padding_classes_ignore_the_states_per_split():
+    """With KS state splits a kernel takes N_PER = ceil(N / KS) as the state loop's bound: sizes that
+    differ only in N and N_PER share a class, a different KS (other tile shapes) is another one."""
+    from static.triton_aot import Launch
+
+    sizes = (1, 16, 17, 32, 33, 64, 65, 128)
+    cases = {f"c{n}": triton_cases.Case("op", n, "bfloat16", (), call=None) for n in sizes}
+
+    def launch(n):
+        ks = 1 if n <= 32 else 2 if n <= 64 else 4
+        return Launch("m.k", key=n, constants={"N": n, "KS": ks, "N_PER": -(-n // ks), "BLOCK_D": 64},
+                      grid=(1,), num_warps=ks, num_stages=3, case=f"c{n}")
+
+    group = [launch(n) for n in sizes]
+    assert triton_cases.state_count_constexprs(group, cases) == {"N", "N_PER"}
+    classes = triton_cases.padding_classes(group, cases)
+    assert sorted([cases[la.case].N for la in m] for m in classes.values()) == [[1, 16, 17, 32], [33, 64], [65, 128]]
+    ends = triton_cases.class_ends(classes, cases)
+    assert sorted(cases[la.case].N for la in ends) == [1, 32, 33, 64, 65, 128]
+
+
 def test_versions_of_one_source_loop_count_once():
     """Two sibling loops with the same header (an unswitched loop): only the larger one runs."""
     text = "\n".join([
