@@ -443,6 +443,38 @@ def _gram_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+def check_gramian_inputs(delta, A, B, C, delta_bias, mask):
+    """Validate the inputs shared by the Gramian kernels; B/C of one group get their group axis.
+
+    Shapes: delta (batch, dim, L) fp32/fp16/bf16; A (dim, N) fp32; B, C (batch, G, N, L) or
+    (batch, N, L); delta_bias (dim,) fp32 or None; mask (batch, L) bool or None; one device.
+
+    Returns:
+        (B, C, batch, dim, L, N, ngroups) with B, C (batch, G, N, L).
+    """
+    assert delta.dim() == 3, delta.shape
+    batch, dim, L = delta.shape
+    assert A.dim() == 2 and A.shape[0] == dim and A.dtype == torch.float32, (A.shape, A.dtype)
+    N = A.shape[1]
+    if B.dim() == 3:
+        B = B.unsqueeze(1)
+    if C.dim() == 3:
+        C = C.unsqueeze(1)
+    assert B.dim() == 4 and B.shape == C.shape, (B.shape, C.shape)
+    assert B.shape[0] == batch and B.shape[2] == N and B.shape[3] == L, (B.shape, delta.shape, A.shape)
+    ngroups = B.shape[1]
+    assert ngroups >= 1 and dim % ngroups == 0, (dim, ngroups)
+    assert delta.dtype in _INPUT_DTYPES and B.dtype in _INPUT_DTYPES and C.dtype in _INPUT_DTYPES
+    device = delta.device
+    assert A.device == device and B.device == device and C.device == device
+    if delta_bias is not None:
+        assert delta_bias.shape == (dim,) and delta_bias.dtype == torch.float32, delta_bias.dtype
+        assert delta_bias.device == device
+    if mask is not None:
+        assert mask.shape == (batch, L) and mask.dtype == torch.bool and mask.device == device, mask.shape
+    return B, C, batch, dim, L, N, ngroups
+
+
 def _pow2_clamp(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
 
@@ -489,26 +521,8 @@ def gramian_sums(
         ``compressm_mamba.reference.gramians.gramian_statistics(...).sums``.
     """
     assert estimator in ("frozen", "ltv"), estimator
-    assert delta.dim() == 3, delta.shape
-    batch, dim, L = delta.shape
-    assert A.dim() == 2 and A.shape[0] == dim and A.dtype == torch.float32, (A.shape, A.dtype)
-    N = A.shape[1]
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    if C.dim() == 3:
-        C = C.unsqueeze(1)
-    assert B.dim() == 4 and B.shape == C.shape, (B.shape, C.shape)
-    assert B.shape[0] == batch and B.shape[2] == N and B.shape[3] == L, (B.shape, delta.shape, A.shape)
-    ngroups = B.shape[1]
-    assert ngroups >= 1 and dim % ngroups == 0, (dim, ngroups)
-    assert delta.dtype in _INPUT_DTYPES and B.dtype in _INPUT_DTYPES and C.dtype in _INPUT_DTYPES
+    B, C, batch, dim, L, N, ngroups = check_gramian_inputs(delta, A, B, C, delta_bias, mask)
     device = delta.device
-    assert A.device == device and B.device == device and C.device == device
-    if delta_bias is not None:
-        assert delta_bias.shape == (dim,) and delta_bias.dtype == torch.float32, delta_bias.dtype
-        assert delta_bias.device == device
-    if mask is not None:
-        assert mask.shape == (batch, L) and mask.dtype == torch.bool and mask.device == device, mask.shape
     assert batch_splits >= 1
 
     P = torch.empty(dim, N, N, dtype=torch.float32, device=device)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gramians import _softplus
+from .gramians import _softplus, check_gramian_inputs
 
 __all__ = ["mean_lti_sums", "DEBUG_FILL_NAN"]
 
@@ -42,7 +42,6 @@ __all__ = ["mean_lti_sums", "DEBUG_FILL_NAN"]
 # program wrote shows up in a test instead of passing by luck.
 DEBUG_FILL_NAN = os.environ.get("COMPRESSM_MAMBA_KERNEL_DEBUG", "") == "1"
 
-_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Programs to aim for when splitting the tokens: ~8 per SM of a 132-SM GPU, device-independent so
 # that the result does not depend on the GPU it ran on.
 _TARGET_PROGRAMS = 1024
@@ -194,26 +193,8 @@ def mean_lti_sums(
     Returns:
         (e_sum, b_sum, c_sum): the ``sums`` of ``gramian_statistics(..., estimator="mean_lti")``.
     """
-    assert delta.dim() == 3, delta.shape
-    batch, dim, L = delta.shape
-    assert A.dim() == 2 and A.shape[0] == dim and A.dtype == torch.float32, (A.shape, A.dtype)
-    N = A.shape[1]
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    if C.dim() == 3:
-        C = C.unsqueeze(1)
-    assert B.dim() == 4 and B.shape == C.shape, (B.shape, C.shape)
-    assert B.shape[0] == batch and B.shape[2] == N and B.shape[3] == L, (B.shape, delta.shape, A.shape)
-    ngroups = B.shape[1]
-    assert ngroups >= 1 and dim % ngroups == 0, (dim, ngroups)
-    assert delta.dtype in _INPUT_DTYPES and B.dtype in _INPUT_DTYPES and C.dtype in _INPUT_DTYPES
+    B, C, batch, dim, L, N, ngroups = check_gramian_inputs(delta, A, B, C, delta_bias, mask)
     device = delta.device
-    assert A.device == device and B.device == device and C.device == device
-    if delta_bias is not None:
-        assert delta_bias.shape == (dim,) and delta_bias.dtype == torch.float32, delta_bias.dtype
-        assert delta_bias.device == device
-    if mask is not None:
-        assert mask.shape == (batch, L) and mask.dtype == torch.bool and mask.device == device, mask.shape
 
     if dim == 0 or N == 0:
         empty = torch.zeros(dim, N, dtype=torch.float32, device=device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def assert_close(actual, expected, *, rtol: float, atol: float, name: str = "tensor") -> None:
@@ -143,3 +144,40 @@ def reference_checkpoints(inputs, softplus, chunk_size):
         prefix = {k: v if v is None or k in ("A", "D", "delta_bias") else v[..., :t0] for k, v in x64.items()}
         ckpts.append(selective_scan(**prefix, delta_softplus=softplus, return_last_state=True)[1])
     return torch.stack(ckpts, dim=2) if ckpts else torch.zeros(batch, dim, 0, N, dtype=torch.float64)
+
+
+def gramian_padding_mask(batch, L):
+    """Left padding on the first sequence (all of it when L == 1), a hole in the last one."""
+    mask = torch.ones(batch, L, dtype=torch.bool)
+    mask[0, : L // 3 + 1] = False
+    if L >= 3:
+        mask[-1, L // 2] = False
+    return mask
+
+
+def gramian_kernel_inputs(batch, dim, N, L, ngroups, *, device, dtype=torch.float32, bias=True, softplus=True,
+                          masked=True, constant_rows=False, seed=0):
+    """Gramian kernel inputs on ``device`` (delta / B / C in ``dtype``) and their float64 twins on the CPU.
+
+    Shapes: delta (batch, dim, L), A (dim, N), B / C (batch, ngroups, N, L), delta_bias (dim,), mask
+    (batch, L) from ``padding_mask``.  Returns (kernel_args, ref_args), two dicts of keyword arguments.
+    """
+    delta, A, B, C, delta_bias = random_gramian_inputs(batch, dim, N, L, ngroups=ngroups, seed=seed)
+    if constant_rows:
+        A = A[:, :1].expand(dim, N).contiguous()
+    if not softplus:
+        delta = F.softplus(delta)  # positive step sizes, as softplus would have made them
+    kernel_args = dict(
+        delta=delta.to(dtype).to(device),
+        A=A.float().to(device),
+        B=B.to(dtype).to(device),
+        C=C.to(dtype).to(device),
+        delta_bias=delta_bias.float().to(device) if bias else None,
+        delta_softplus=softplus,
+        mask=gramian_padding_mask(batch, L).to(device) if masked else None,
+    )
+    ref_args = dict(kernel_args)
+    for name, value in kernel_args.items():
+        if torch.is_tensor(value):
+            ref_args[name] = value.cpu().double() if value.is_floating_point() else value.cpu()
+    return kernel_args, ref_args

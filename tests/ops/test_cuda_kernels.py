@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     assert_close,
+    gramian_padding_mask,
     random_gramian_inputs,
     random_scan_inputs,
     reference_checkpoints,
@@ -283,15 +284,6 @@ def test_scan_torch_compile_matches_eager():
 # ---------------------------------------------------------------------------------------------
 
 
-def _padding_mask(batch, L):
-    """Left padding on the first sequence (all of it when L == 1), a hole in the last one."""
-    mask = torch.ones(batch, L, dtype=torch.bool)
-    mask[0, : L // 3 + 1] = False
-    if L >= 3:
-        mask[-1, L // 2] = False
-    return mask
-
-
 def _gram_case(batch, dim, N, L, ngroups, estimator, *, dtype=torch.float32, bias=True, softplus=True, masked=True,
                constant_rows=False, seed=0):
     delta, A, B, C, delta_bias = random_gramian_inputs(batch, dim, N, L, ngroups=ngroups, seed=seed)
@@ -305,7 +297,7 @@ def _gram_case(batch, dim, N, L, ngroups, estimator, *, dtype=torch.float32, bia
         delta=delta.to(DEVICE, dtype).contiguous(), A=A.to(DEVICE, torch.float32).contiguous(),
         B=B.to(DEVICE, dtype).contiguous(), C=C.to(DEVICE, dtype).contiguous(),
         delta_bias=delta_bias.to(DEVICE, torch.float32) if bias else None,
-        mask=_padding_mask(batch, L).to(DEVICE) if masked else None,
+        mask=gramian_padding_mask(batch, L).to(DEVICE) if masked else None,
     )
     P, Q = _cuda._ops().gramian_sums(args["delta"], args["A"], args["B"], args["C"], args["delta_bias"], softplus,
                                      args["mask"], estimator, constant_rows)
@@ -365,7 +357,7 @@ def test_ops_gramian_sums_backend_cuda(estimator):
     """ops.gramian_sums(backend="cuda") against backend="reference" (count and sums)."""
     inputs = dict(zip(("delta", "A", "B", "C", "delta_bias"), random_gramian_inputs(2, 6, 16, 30, ngroups=2, seed=2)))
     inputs = {k: v.float() for k, v in inputs.items()}  # the values the kernel sees, exactly
-    mask = _padding_mask(2, 30)
+    mask = gramian_padding_mask(2, 30)
     got = ops.gramian_sums(**{k: v.to(DEVICE) for k, v in inputs.items()}, mask=mask.to(DEVICE), estimator=estimator,
                            delta_softplus=True, backend="cuda")
     want = ops.gramian_sums(**{k: v.double() for k, v in inputs.items()}, mask=mask, estimator=estimator,
@@ -420,7 +412,7 @@ def test_opcheck_gramian_sums(estimator, constant_rows):
     if constant_rows:
         A = A[:, :1].expand(4, 12).contiguous()
     args = [delta.float().to(DEVICE), A.float().to(DEVICE), B.float().to(DEVICE), C.float().to(DEVICE),
-            delta_bias.float().to(DEVICE), True, _padding_mask(2, 20).to(DEVICE), estimator, constant_rows]
+            delta_bias.float().to(DEVICE), True, gramian_padding_mask(2, 20).to(DEVICE), estimator, constant_rows]
     _opcheck(_cuda._ops().gramian_sums.default, args)
 
 

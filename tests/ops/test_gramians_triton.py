@@ -8,7 +8,7 @@ interpreter (tests/conftest.py): shapes are tiny on purpose.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, random_gramian_inputs
+from helpers import assert_close, gramian_kernel_inputs
 
 from compressm_mamba.reference.gramians import gramian_statistics
 
@@ -38,37 +38,9 @@ def kernels(monkeypatch):
     return gramians
 
 
-def padding_mask(batch, L):
-    """Left padding on the first sequence (all of it when L == 1), a hole in the last one."""
-    mask = torch.ones(batch, L, dtype=torch.bool)
-    mask[0, : L // 3 + 1] = False
-    if L >= 3:
-        mask[-1, L // 2] = False
-    return mask
-
-
-def make_inputs(batch, dim, N, L, ngroups, *, dtype=torch.float32, bias=True, softplus=True, masked=True,
-                constant_rows=False, seed=0):
-    """Kernel inputs on DEVICE (delta / B / C in ``dtype``) and their float64 twins on the CPU."""
-    delta, A, B, C, delta_bias = random_gramian_inputs(batch, dim, N, L, ngroups=ngroups, seed=seed)
-    if constant_rows:
-        A = A[:, :1].expand(dim, N).contiguous()
-    if not softplus:
-        delta = F.softplus(delta)  # positive step sizes, as softplus would have made them
-    kernel_args = dict(
-        delta=delta.to(dtype).to(DEVICE),
-        A=A.float().to(DEVICE),
-        B=B.to(dtype).to(DEVICE),
-        C=C.to(dtype).to(DEVICE),
-        delta_bias=delta_bias.float().to(DEVICE) if bias else None,
-        delta_softplus=softplus,
-        mask=padding_mask(batch, L).to(DEVICE) if masked else None,
-    )
-    ref_args = dict(kernel_args)
-    for name, value in kernel_args.items():
-        if torch.is_tensor(value):
-            ref_args[name] = value.cpu().double() if value.is_floating_point() else value.cpu()
-    return kernel_args, ref_args
+def make_inputs(*args, **kwargs):
+    """``helpers.gramian_kernel_inputs`` on DEVICE."""
+    return gramian_kernel_inputs(*args, device=DEVICE, **kwargs)
 
 
 def reference_sums(ref_args, estimator):

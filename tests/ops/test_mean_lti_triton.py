@@ -7,8 +7,7 @@ interpreter (tests/conftest.py): shapes are tiny on purpose (L <= 64).
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import assert_close, random_gramian_inputs
+from helpers import assert_close, gramian_kernel_inputs, gramian_padding_mask, random_gramian_inputs
 
 from compressm_mamba import ops
 from compressm_mamba.reference.gramians import gramian_statistics
@@ -39,37 +38,9 @@ def kernels(monkeypatch):
     return mean_lti_sums
 
 
-def padding_mask(batch, L):
-    """Left padding on the first sequence (all of it when L == 1), a hole in the last one."""
-    mask = torch.ones(batch, L, dtype=torch.bool)
-    mask[0, : L // 3 + 1] = False
-    if L >= 3:
-        mask[-1, L // 2] = False
-    return mask
-
-
-def make_inputs(batch, dim, N, L, ngroups, *, dtype=torch.float32, bias=True, softplus=True, masked=True,
-                constant_rows=False, seed=0):
-    """Kernel inputs on DEVICE (delta / B / C in ``dtype``) and their float64 twins on the CPU."""
-    delta, A, B, C, delta_bias = random_gramian_inputs(batch, dim, N, L, ngroups=ngroups, seed=seed)
-    if constant_rows:
-        A = A[:, :1].expand(dim, N).contiguous()
-    if not softplus:
-        delta = F.softplus(delta)  # positive step sizes, as softplus would have made them
-    kernel_args = dict(
-        delta=delta.to(dtype).to(DEVICE),
-        A=A.float().to(DEVICE),
-        B=B.to(dtype).to(DEVICE),
-        C=C.to(dtype).to(DEVICE),
-        delta_bias=delta_bias.float().to(DEVICE) if bias else None,
-        delta_softplus=softplus,
-        mask=padding_mask(batch, L).to(DEVICE) if masked else None,
-    )
-    ref_args = dict(kernel_args)
-    for name, value in kernel_args.items():
-        if torch.is_tensor(value):
-            ref_args[name] = value.cpu().double() if value.is_floating_point() else value.cpu()
-    return kernel_args, ref_args
+def make_inputs(*args, **kwargs):
+    """``helpers.gramian_kernel_inputs`` on DEVICE."""
+    return gramian_kernel_inputs(*args, device=DEVICE, **kwargs)
 
 
 def check_against_reference(sums, ref_args, dtype):
@@ -155,7 +126,7 @@ def test_op_routes_to_the_kernel_and_matches_torch():
     delta = delta.float().to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)  # (batch, dim, L), L not last
     A16 = A.half().to(DEVICE)
     B, C = B.float().to(DEVICE), C.float().to(DEVICE)
-    mask = padding_mask(2, 20).to(DEVICE)
+    mask = gramian_padding_mask(2, 20).to(DEVICE)
     kw = dict(estimator="mean_lti", delta_bias=bias.float().to(DEVICE), delta_softplus=True, mask=mask)
     got = ops.gramian_sums(delta, A16, B, C, backend="triton", **kw)
     want = ops.gramian_sums(delta, A16, B, C, backend="torch", **kw)
