@@ -57,22 +57,31 @@ def gramian_sums(
 
         B4 = (B if B.dim() == 4 else B.unsqueeze(1)).contiguous()
         C4 = (C if C.dim() == 4 else C.unsqueeze(1)).contiguous()
-        constant_rows = bool((A == A[:, :1]).all())
         P, Q = triton_sums(
             delta.contiguous(), A.float().contiguous(), B4, C4, estimator=estimator,
             delta_bias=None if delta_bias is None else delta_bias.float().contiguous(), delta_softplus=delta_softplus,
-            mask=None if mask is None else mask.bool().contiguous(), constant_rows=constant_rows,
+            mask=None if mask is None else mask.bool().contiguous(), constant_rows=_constant_rows(A),
         )
-        count = delta.shape[0] * delta.shape[2] if mask is None else int(mask.bool().sum())
+        count = _token_count(delta, mask)
         return GramianStatistics(estimator, count, {"P": P, "Q": Q})
     from ._cuda import gramian_sums_cuda
 
     P, Q = gramian_sums_cuda(
         delta, A, B, C, estimator=estimator, delta_bias=delta_bias, delta_softplus=delta_softplus, mask=mask,
-        constant_rows=bool((A == A[:, :1]).all()),
+        constant_rows=_constant_rows(A),
     )
-    count = delta.shape[0] * delta.shape[2] if mask is None else int(mask.bool().sum())
+    count = _token_count(delta, mask)
     return GramianStatistics(estimator, count, {"P": P, "Q": Q})
+
+
+def _constant_rows(A) -> bool:
+    """Whether every row of A (dim, N) is constant (Mamba2 heads): the kernels' cheaper form."""
+    return bool((A == A[:, :1]).all())
+
+
+def _token_count(delta, mask) -> int:
+    """Real tokens behind the sums: batch * L of delta (batch, dim, L), or the True entries of mask."""
+    return delta.shape[0] * delta.shape[2] if mask is None else int(mask.bool().sum())
 
 
 def _mean_lti_backend(backend: str, delta, N: int) -> str:
@@ -98,9 +107,9 @@ def _triton_mean_lti(delta, A, B, C, *, delta_bias=None, delta_softplus=False, m
     e, b, c = triton_mean_lti_sums(
         delta, A.float(), B, C, delta_bias=None if delta_bias is None else delta_bias.float(),
         delta_softplus=delta_softplus, mask=None if mask is None else mask.bool(),
-        constant_rows=bool((A == A[:, :1]).all()),
+        constant_rows=_constant_rows(A),
     )
-    count = delta.shape[0] * delta.shape[2] if mask is None else int(mask.bool().sum())
+    count = _token_count(delta, mask)
     return GramianStatistics("mean_lti", count, {"e": e, "b": b, "c": c})
 
 
